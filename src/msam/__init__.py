@@ -1,0 +1,28 @@
+"""msam: micro-batch-averaged Sharpness-Aware Minimization (mSAM), SAM and ASAM for PyTorch.
+
+References:
+    Behdin et al., "mSAM: Micro-Batch-Averaged Sharpness-Aware Minimization", arXiv 2302.09693.
+    Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization",
+    ICLR 2021.
+    Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of
+    Deep Neural Networks", ICML 2021.
+"""
+
+from msam.core.batchnorm import BatchNormPolicy
+from msam.optim import (
+    ASAM,
+    MSAM,
+    SAM,
+    GradientEngine,
+    GradientResult,
+    msam_gradient,
+    normalization_parameters,
+)
+from msam.strategies import NonFiniteLossError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ASAM", "MSAM", "SAM", "BatchNormPolicy", "GradientEngine", "GradientResult",
+    "NonFiniteLossError", "__version__", "msam_gradient", "normalization_parameters",
+]
