@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from reference import reference_msam_grad
 
 import msam
+
+from reference import reference_msam_grad
 
 pytestmark = pytest.mark.usefixtures("float64")
 

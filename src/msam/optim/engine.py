@@ -3,7 +3,7 @@
 :class:`GradientEngine` turns ``(loss_fn, batch)`` into the mSAM gradient in ``p.grad``::
 
     g_j = grad L_j(w)                    # micro-batch j's own gradient at w
-    e_j = rho * g_j / (||g_j|| + 1e-12)  # (ASAM: rho * T^2 g_j / (||T g_j|| + 1e-12), T = |w| + eta)
+    e_j = rho * g_j / (||g_j|| + 1e-12)  # ASAM: rho T^2 g_j / (||T g_j|| + 1e-12), T = |w|+eta
     h_j = grad L_j(w + e_j)
     grad = sum_j (n_j / n) * h_j
 
@@ -59,7 +59,7 @@ def _validate_count(value: Any, name: str) -> int | None:
 class GradientResult:
     """What one gradient computation did."""
 
-    loss: torch.Tensor        # weighted mean loss at w over the batch (0-d, detached; NaN if skipped)
+    loss: torch.Tensor  # weighted mean loss at w over the batch (0-d, detached; NaN if skipped)
     skipped: bool = False     # True when a non-finite value made the step be skipped
     reason: str = ""
 
@@ -138,7 +138,10 @@ class GradientEngine:
         fn, micro = self._split(loss_fn, batch)
         if scaler is not None and not scaler.is_enabled():
             scaler = None
-        loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        loss_scale = 1.0
+        if scaler is not None:
+            # scale() initialises the scaler's state on the parameters' device (lazily created).
+            loss_scale = float(scaler.scale(torch.ones((), device=params[0].device)))
 
         backup = [p.detach().clone() if k else p for p, k in zip(params, perturb)]
         old_grads = [p.grad for p in params]

@@ -120,7 +120,8 @@ class VmapStrategy(Strategy):
                 for mod, (mom, _) in saved_attrs.items():
                     mod.momentum = mom
                 if not bool(torch.isfinite(loss0).all()):
-                    raise NonFiniteLossError("ascent", idx[int((~torch.isfinite(loss0)).nonzero()[0])])
+                    first_bad = int((~torch.isfinite(loss0)).nonzero()[0])
+                    raise NonFiniteLossError("ascent", idx[first_bad])
                 for n in bn_names:
                     stats[n].extend(stacked_bn[n].unbind(0))
                 losses[idx] = loss0.double().cpu()
