@@ -34,6 +34,27 @@ def _scaled(g: torch.Tensor, w: torch.Tensor, adaptive: bool, eta: float) -> tor
     return g * (w.abs() + eta) if adaptive else g
 
 
+_NATIVE_NORM_DTYPES = (torch.float32, torch.float64)
+
+
+def _tensor_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-tensor L2 norms: float32 / float64 tensors in their own dtype with one fused
+    ``torch._foreach_norm`` call per (device, dtype); other dtypes (float16, bfloat16) in float64,
+    so that squaring cannot overflow."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+    for (_, dtype), idx in groups.items():
+        if dtype in _NATIVE_NORM_DTYPES:
+            norms = torch._foreach_norm([tensors[i] for i in idx])
+        else:
+            norms = [torch.linalg.vector_norm(tensors[i], dtype=torch.float64) for i in idx]
+        for i, n in zip(idx, norms):
+            out[i] = n
+    return out
+
+
 def perturbation_norm(
     grads: Sequence[torch.Tensor | None],
     params: Sequence[torch.Tensor],
@@ -42,19 +63,19 @@ def perturbation_norm(
 ) -> torch.Tensor:
     """``||g||`` (SAM) or ``||T g||`` (ASAM) over all parameters with a gradient, as a 0-d tensor.
 
-    Each parameter's contribution is computed in its own dtype and summed in float64 on the
-    first gradient's device, so the norm does not overflow in half precision.
+    Each parameter's norm is computed by a fused kernel in its own dtype (float16 / bfloat16 in
+    float64, so it does not overflow), and the per-parameter norms are combined in float64 on
+    the first gradient's device.
     """
     present = [(i, g) for i, g in enumerate(grads) if g is not None]
     if not present:
         return torch.zeros((), dtype=torch.float64)
     device = present[0][1].device
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for i, g in present:
-        eta = etas[i] if etas is not None else 0.01
-        s = _scaled(g, params[i], adaptive, eta)
-        total = total + s.double().pow(2).sum().to(device)
-    return total.sqrt()
+    scaled = [_scaled(g, params[i], adaptive, etas[i] if etas is not None else 0.01)
+              for i, g in present]
+    norms = _tensor_norms(scaled)
+    stacked = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
+    return stacked.pow(2).sum().sqrt()
 
 
 @torch.no_grad()
@@ -68,19 +89,35 @@ def perturbation(
     """Per-parameter perturbations ``e`` and the norm they were normalised by.
 
     ``rhos[i]`` (and ``etas[i]``) belong to parameter ``i`` (they come from its param group).
-    A parameter whose gradient is ``None`` gets ``None`` (it is not moved).
+    A parameter whose gradient is ``None`` gets ``None`` (it is not moved). Each ``e_i`` is
+    ``g_i * s`` (ASAM: ``T_i * T_i * g_i * s``) with the scale ``s = rho_i / (norm + eps)``
+    rounded to ``g_i``'s dtype; parameters sharing ``rho``, device and dtype are scaled by one
+    fused ``torch._foreach_mul`` call.
     """
     norm = perturbation_norm(grads, params, adaptive, etas)
-    out: list[torch.Tensor | None] = []
-    for i, g in enumerate(grads):
-        if g is None:
-            out.append(None)
-            continue
-        eta = etas[i] if etas is not None else 0.01
-        scale = (rhos[i] / (norm + EPS)).to(device=g.device, dtype=g.dtype)
-        if adaptive:
+    out: list[torch.Tensor | None] = [None] * len(grads)
+    scales: dict[tuple[float, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def scale_for(i: int, g: torch.Tensor) -> torch.Tensor:
+        key = (float(rhos[i]), g.device, g.dtype)
+        if key not in scales:
+            scales[key] = (rhos[i] / (norm + EPS)).to(device=g.device, dtype=g.dtype)
+        return scales[key]
+
+    if adaptive:
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            eta = etas[i] if etas is not None else 0.01
             t = params[i].abs() + eta
-            out.append(t * t * g * scale)
-        else:
-            out.append(g * scale)
+            out[i] = t * t * g * scale_for(i, g)
+        return out, norm
+    groups: dict[tuple[float, torch.device, torch.dtype], list[int]] = {}
+    for i, g in enumerate(grads):
+        if g is not None:
+            scale_for(i, g)
+            groups.setdefault((float(rhos[i]), g.device, g.dtype), []).append(i)
+    for key, idx in groups.items():
+        for i, e in zip(idx, torch._foreach_mul([grads[i] for i in idx], scales[key])):
+            out[i] = e
     return out, norm

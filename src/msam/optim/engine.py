@@ -78,6 +78,7 @@ class GradientEngine:
         nonfinite: str = "raise",
         ascent_context: Callable[[], contextlib.AbstractContextManager] | None = None,
         descent_context: Callable[[int, int], contextlib.AbstractContextManager] | None = None,
+        ascent_grad_hook: Callable[[tuple], tuple] | None = None,
     ) -> None:
         self.micro_batches = _validate_count(micro_batches, "micro_batches")
         self.micro_batch_size = _validate_count(micro_batch_size, "micro_batch_size")
@@ -95,6 +96,8 @@ class GradientEngine:
         self.nonfinite = nonfinite
         self.ascent_context = ascent_context
         self.descent_context = descent_context
+        # Transforms the ascent gradients before e_j (loop strategy only; see GradientJob).
+        self.ascent_grad_hook = ascent_grad_hook
 
     @property
     def strategy_name(self) -> str:
@@ -173,11 +176,12 @@ class GradientEngine:
             job.ascent_context = self.ascent_context
         if self.descent_context is not None:
             job.descent_context = self.descent_context
+        if self.ascent_grad_hook is not None:
+            job.ascent_grad_hook = self.ascent_grad_hook
         try:
             loss = self.strategy.accumulate(job)
             if scaler is None:
-                bad = next((i for i, p in enumerate(params)
-                            if p.grad is not None and not bool(torch.isfinite(p.grad).all())), None)
+                bad = first_nonfinite([p.grad for p in params])
                 if bad is not None:
                     raise NonFiniteLossError("perturbed", -1, f"gradient (parameter {bad})")
         except NonFiniteLossError as err:
@@ -189,6 +193,26 @@ class GradientEngine:
             restore()
             raise
         return GradientResult(loss.to(params[0].dtype), skipped=False)
+
+
+def first_nonfinite(tensors: Sequence[torch.Tensor | None]) -> int | None:
+    """Index of the first tensor that holds an inf or NaN (``None`` entries skipped), else None.
+
+    The all-finite case costs one fused max-abs (``torch._foreach_norm(..., inf)``, which is
+    inf / NaN exactly when an element is) and one host sync, instead of one per tensor.
+    """
+    present = [(i, t) for i, t in enumerate(tensors) if t is not None and t.numel() > 0]
+    if not present:
+        return None
+    try:
+        maxes = torch._foreach_norm([t for _, t in present], float("inf"))
+        device = maxes[0].device
+        finite = torch.isfinite(torch.stack([m.to(device) for m in maxes]))
+        if bool(finite.all()):
+            return None
+    except (RuntimeError, TypeError, NotImplementedError):  # e.g. sparse gradients
+        pass
+    return next((i for i, t in present if not bool(torch.isfinite(t).all())), None)
 
 
 def normalization_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -56,6 +56,10 @@ class GradientJob:
         default=_null_descent
     )
     commit_batchnorm: bool = True
+    # Optional transform of the ascent gradients g_j (after unscaling, before e_j is computed),
+    # e.g. msam.distributed's all-reduce for its "synchronized" mode. Honoured by the loop
+    # strategy only; it receives and returns one entry (tensor or None) per perturbed parameter.
+    ascent_grad_hook: Callable[[tuple], tuple] | None = None
 
     @property
     def rho_is_zero(self) -> bool:

@@ -27,6 +27,7 @@ class LoopStrategy(Strategy):
         pert_params = [job.params[i] for i in pert_idx]
         rhos = [job.rhos[i] for i in pert_idx]
         etas = [job.etas[i] for i in pert_idx]
+        pert_backup = [job.backup[i] for i in pert_idx]
         skip_ascent = job.rho_is_zero
         policy = BatchNormPolicy()
         total = None
@@ -45,14 +46,15 @@ class LoopStrategy(Strategy):
                         grads = torch.autograd.grad(scaled, pert_params, allow_unused=True)
                     if job.loss_scale != 1.0:
                         grads = tuple(None if g is None else g / job.loss_scale for g in grads)
+                    if job.ascent_grad_hook is not None:
+                        grads = tuple(job.ascent_grad_hook(grads))
                     e, norm = perturbation(grads, pert_params, rhos, job.adaptive, etas)
                     del grads
                     if not bool(torch.isfinite(norm)):
                         raise NonFiniteLossError("ascent", j, "gradient")
+                    moved = [i for i, ei in enumerate(e) if ei is not None]
                     with torch.no_grad():
-                        for p, ei in zip(pert_params, e):
-                            if ei is not None:
-                                p.add_(ei)
+                        torch._foreach_add_([pert_params[i] for i in moved], [e[i] for i in moved])
                     del e
                     try:
                         with job.descent_context(j, m), policy.phase("perturbed"):
@@ -61,8 +63,7 @@ class LoopStrategy(Strategy):
                             (loss_p * coef).backward(inputs=job.params)
                     finally:
                         with torch.no_grad():
-                            for i in pert_idx:
-                                job.params[i].copy_(job.backup[i])
+                            torch._foreach_copy_(pert_params, pert_backup)
                 contrib = loss.detach().double() * weight
                 total = contrib if total is None else total + contrib
             if job.commit_batchnorm:

@@ -1,0 +1,598 @@
+"""``DistributedMSAM``: mSAM under ``torch.nn.parallel.DistributedDataParallel`` (DDP).
+
+Local mode (``mode="local"``, the default) -- what mSAM is for::
+
+    rank r, micro-batch j:   g_rj = grad L_rj(w)                 (no communication)
+                             e_rj = rho * g_rj / (||g_rj|| + 1e-12)
+                             h_rj = grad L_rj(w + e_rj)
+    p.grad (every rank)    = mean_r sum_j (n_rj / n_r) * h_rj       (one DDP all-reduce)
+
+Every rank perturbs with its own micro-batches; the ascent pass (forward *and* backward) runs
+under ``ddp.no_sync()``, the perturbed passes of micro-batches ``0 .. m-2`` too, and only the
+last perturbed backward lets DDP all-reduce, so the averaged gradient costs one all-reduce per
+step (SAM with a synchronised perturbation costs two). With ``W`` ranks and ``micro_batches=m``
+the step averages ``W * m`` perturbations: it equals single-process mSAM with ``W * m``
+micro-batches on the concatenation of the ranks' batches when every rank holds the same number
+of examples (rank ``r`` holding the ``r``-th contiguous shard).
+
+Synchronized mode (``mode="synchronized"``, for comparison): the ascent gradient is averaged
+over the ranks before the perturbation is computed, so every rank uses the global perturbation
+-- single-process SAM (``m = 1``) on the global batch. Local ``m`` must be 1.
+
+Fault safety (``check_errors=True``, the default): before each collective the ranks agree on an
+error flag (one all-reduce of ``world_size`` int32 values, plus the messages when something
+failed), so an exception or a non-finite value on one rank makes every rank stop the step the
+same way -- the failing rank raises its own error, the others :class:`DistributedStepError`
+(or, for non-finite values, :class:`RemoteNonFiniteError`, which ``nonfinite="skip"`` and a
+``GradScaler`` turn into a skipped step on every rank) -- instead of leaving them waiting in
+DDP's all-reduce. Parameters, gradients and BatchNorm buffers are restored as in
+single-process mSAM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim import Optimizer
+
+from msam.optim.msam import MSAM, _flatten_params
+from msam.strategies import LoopStrategy, NonFiniteLossError, Strategy
+from msam.strategies.base import check_loss
+
+__all__ = [
+    "MODES",
+    "DistributedMSAM",
+    "DistributedStepError",
+    "RemoteNonFiniteError",
+    "UnsupportedWrapperError",
+    "ddp_kwargs",
+    "unwrap_model",
+]
+
+MODES = ("local", "synchronized")
+
+_OK, _NONFINITE, _FAILED = 0, 1, 2
+
+
+class UnsupportedWrapperError(TypeError):
+    """The model is wrapped in something other than ``DistributedDataParallel``."""
+
+
+class DistributedStepError(RuntimeError):
+    """Another rank failed during this step; ``failures`` maps its rank to its message."""
+
+    def __init__(self, failures: dict[int, str]) -> None:
+        self.failures = dict(failures)
+        what = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(self.failures.items()))
+        super().__init__(
+            f"step stopped on every rank because another rank failed ({what}); parameters, "
+            "gradients and BatchNorm buffers were left as before the step"
+        )
+
+
+class RemoteNonFiniteError(NonFiniteLossError):
+    """Another rank met a non-finite loss or gradient; this rank stops the step too."""
+
+    def __init__(self, failures: dict[int, str]) -> None:
+        self.phase, self.micro_batch, self.what = "remote", -1, "value"
+        self.failures = dict(failures)
+        what = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(self.failures.items()))
+        FloatingPointError.__init__(
+            self, f"non-finite value on another rank ({what}); the step is stopped on every rank "
+            "and parameters, BatchNorm buffers and optimizer state were left as before the step"
+        )
+
+
+_SUPPORTED = (
+    "msam.distributed supports torch.nn.parallel.DistributedDataParallel (one process per "
+    "device, any backend) and, with no process group or a world size of 1, an unwrapped module"
+)
+
+
+def _fsdp_classes() -> tuple[type, ...]:
+    classes: list[type] = []
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        classes.append(FullyShardedDataParallel)
+    except ImportError:  # pragma: no cover - torch without FSDP
+        pass
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        classes.append(FSDPModule)
+    except ImportError:  # pragma: no cover - torch before FSDP2
+        pass
+    return tuple(classes)
+
+
+def _check_inner(module: nn.Module) -> None:
+    fsdp = _fsdp_classes()
+    for name, sub in module.named_modules():
+        if fsdp and isinstance(sub, fsdp):
+            where = f" (submodule {name!r})" if name else ""
+            raise UnsupportedWrapperError(
+                f"FSDP is not supported{where}: mSAM perturbs each rank's weights with that "
+                "rank's own full gradient, which sharded parameters and reduce-scattered "
+                f"gradients do not provide. {_SUPPORTED}."
+            )
+        if isinstance(sub, (nn.DataParallel, nn.parallel.DistributedDataParallel)) and name:
+            raise UnsupportedWrapperError(
+                f"nested {type(sub).__name__} in submodule {name!r}: wrap the whole model in "
+                f"DistributedDataParallel once. {_SUPPORTED}."
+            )
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (the model itself otherwise)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def _resolve(model: Any) -> tuple[nn.parallel.DistributedDataParallel | None, nn.Module]:
+    if not isinstance(model, nn.Module):
+        raise UnsupportedWrapperError(
+            f"model must be a DistributedDataParallel module, got {type(model).__name__}. "
+            f"{_SUPPORTED}."
+        )
+    if isinstance(model, nn.DataParallel):
+        raise UnsupportedWrapperError(
+            f"torch.nn.DataParallel is not supported (single-process multi-device). {_SUPPORTED}."
+        )
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        _check_inner(model.module)
+        if getattr(model, "static_graph", False):
+            raise UnsupportedWrapperError(
+                "DistributedDataParallel(static_graph=True) is not supported: mSAM's ascent "
+                "pass takes a gradient with torch.autograd.grad under no_sync(), which the "
+                "static-graph reducer does not allow; build DDP without static_graph"
+            )
+        return model, model.module
+    _check_inner(model)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise UnsupportedWrapperError(
+            f"model is a plain {type(model).__name__} but the process group has "
+            f"{dist.get_world_size()} ranks: wrap it in DistributedDataParallel (see "
+            f"msam.distributed.ddp_kwargs()). {_SUPPORTED}."
+        )
+    return None, model
+
+
+def ddp_kwargs() -> dict[str, Any]:
+    """Keyword arguments for ``DistributedDataParallel`` that ``DistributedMSAM`` needs.
+
+    They switch off DDP's buffer broadcast on every forward (per-rank BatchNorm statistics; see
+    ``docs/distributed.md``): ``forward_sync_buffers=False`` where this torch has it (buffers
+    are still broadcast once, when DDP is built), ``broadcast_buffers=False`` otherwise.
+    """
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in params:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def _forward_syncs_buffers(ddp: nn.parallel.DistributedDataParallel) -> bool:
+    value = getattr(ddp, "forward_sync_buffers", None)
+    if value is None:
+        value = getattr(ddp, "broadcast_buffers", True)
+    return bool(value)
+
+
+@dataclasses.dataclass
+class _Call:
+    """State of one ``step`` / ``accumulate`` call."""
+
+    sync: bool                          # does this call's last perturbed backward all-reduce?
+    scaler: Any
+    pert_params: list[torch.Tensor]
+    settled: bool = False               # the call's last error-flag agreement has happened
+    final_pass: bool = False            # inside the synchronised perturbed pass
+
+
+class DistributedMSAM(MSAM):
+    """mSAM (or SAM) for a model wrapped in ``DistributedDataParallel``.
+
+    Args:
+        model: the ``DistributedDataParallel`` module that ``loss_fn`` calls. Without a process
+            group (or with a world size of 1) a plain module is accepted and the optimizer is
+            plain :class:`msam.MSAM`. FSDP, ``DataParallel`` and nested wrappers are rejected
+            with :class:`UnsupportedWrapperError`.
+        params: parameters or param groups, all of them parameters of ``model``; ``None`` means
+            every parameter of ``model`` (or the groups of an already-built ``base_optimizer``).
+        base_optimizer: optimizer class (built with ``**base_kwargs``) or instance.
+        rho: neighbourhood radius.
+        mode: ``"local"`` (default): each rank perturbs with its own micro-batches, one gradient
+            all-reduce per step. ``"synchronized"``: the ascent gradient is all-reduced too
+            (global perturbation; SAM on the global batch); needs local ``m = 1``.
+        micro_batches: number ``m`` of micro-batches **per rank** per batch. A step averages
+            ``world_size * m`` perturbations (:attr:`global_micro_batches`).
+        micro_batch_size: alternatively the largest micro-batch size, per rank.
+        check_errors: agree on an error flag before each collective (default ``True``; costs
+            one tiny all-reduce per call, plus one before the ascent all-reduce in synchronized
+            mode). With ``False`` a rank that fails leaves the others waiting in DDP's
+            all-reduce until the process group's timeout.
+        **kwargs: everything else :class:`msam.MSAM` takes (``adaptive``, ``eta``, ``perturb``,
+            ``max_grad_norm``, ``nonfinite``) and the base optimizer's keyword arguments.
+            Only the ``"loop"`` strategy is supported (``vmap`` would bypass DDP).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[Any] | None,
+        base_optimizer: type[Optimizer] | Optimizer | Callable[..., Optimizer],
+        rho: float = 0.05,
+        *,
+        mode: str = "local",
+        micro_batches: int | None = None,
+        micro_batch_size: int | None = None,
+        check_errors: bool = True,
+        strategy: str | Strategy = "loop",
+        **kwargs: Any,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(check_errors, bool):
+            raise ValueError(f"check_errors must be True or False, got {check_errors!r}")
+        if not (strategy == "loop" or isinstance(strategy, LoopStrategy)):
+            raise ValueError(
+                f"strategy: DistributedMSAM supports 'loop' only, got {strategy!r} ('vmap' calls "
+                "the module functionally and would bypass DDP's gradient synchronisation)"
+            )
+        if "model" in kwargs:
+            raise ValueError("model: pass the DDP model as the first argument instead")
+        if mode == "synchronized" and (
+            micro_batch_size is not None or (micro_batches is not None and micro_batches != 1)
+        ):
+            raise ValueError(
+                "mode='synchronized' uses one perturbation per step for the whole global batch: "
+                f"local micro_batches must be 1 (got micro_batches={micro_batches!r}, "
+                f"micro_batch_size={micro_batch_size!r}); use mode='local' for mSAM"
+            )
+        ddp, module = _resolve(model)
+        _check_batchnorm(ddp, module)
+        if params is None and not isinstance(base_optimizer, Optimizer):
+            params = module.parameters()
+        if params is not None:
+            params = list(params) if not isinstance(params, torch.Tensor) else [params]
+            owned = {id(p) for p in module.parameters()}
+            foreign = [p for p in _flatten_params(params) if id(p) not in owned]
+            if foreign:
+                raise ValueError(
+                    f"params: {len(foreign)} parameter(s) do not belong to the model; DDP only "
+                    "synchronises the gradients of its module's parameters"
+                )
+        super().__init__(
+            params, base_optimizer, rho, micro_batches=micro_batches,
+            micro_batch_size=micro_batch_size, strategy="loop", **kwargs,
+        )
+        self.ddp = ddp
+        self.module = module
+        self.mode = mode
+        self.check_errors = check_errors
+        if ddp is not None:
+            self.process_group = ddp.process_group
+            self.world_size = dist.get_world_size(self.process_group)
+            self.rank = dist.get_rank(self.process_group)
+            backend = dist.get_backend(self.process_group)
+            self._comm_device = (
+                torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
+                else torch.device("cpu")
+            )
+        else:
+            self.process_group = None
+            self.world_size, self.rank = 1, 0
+            self._comm_device = torch.device("cpu")
+        self._call: _Call | None = None
+        self._needs_sync = False
+        #: Collective calls made by this optimizer itself (DDP's bucket all-reduces not counted).
+        self.comm_counts = {"ascent_allreduce": 0, "error_check": 0, "grad_sync": 0}
+        self._ddp_forwards = 0
+        if ddp is not None:
+            ddp.register_forward_pre_hook(self._count_forward)
+            self.engine.ascent_context = ddp.no_sync
+            self.engine.descent_context = self._descent_context
+            if mode == "synchronized":
+                self.engine.ascent_grad_hook = self._ascent_all_reduce
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def global_micro_batches(self) -> int | None:
+        """Perturbations averaged per step over all ranks (``world_size * m``; 1 if synchronized).
+
+        ``None`` when ``micro_batch_size`` sets ``m`` from the batch size.
+        """
+        if self.mode == "synchronized":
+            return 1
+        m = self.engine.micro_batches
+        if m is None:
+            return self.world_size if self.engine.micro_batch_size is None else None
+        return self.world_size * m
+
+    def accumulate(
+        self,
+        loss_fn: Callable[..., torch.Tensor],
+        batch: Any = None,
+        *,
+        scale: float = 1.0,
+        scaler: Any = None,
+        sync: bool = True,
+    ) -> torch.Tensor:
+        """Add ``scale`` times this batch's mSAM gradient to ``p.grad`` (as MSAM.accumulate).
+
+        ``sync=False`` keeps the call free of gradient communication: pass ``sync=(i == k - 1)``
+        over ``k`` accumulation calls (or wrap the first ``k - 1`` calls in ``ddp.no_sync()``)
+        and only the last micro-batch of the last call all-reduces. If ``step()`` finds a
+        gradient that was never synchronised it all-reduces it once itself.
+        """
+        return self._run(super().accumulate, loss_fn, batch, scale=scale, scaler=scaler,
+                         sync=sync, accumulate=True)
+
+    def step(  # type: ignore[override]
+        self,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
+        batch: Any = None,
+        *,
+        scaler: Any = None,
+    ) -> torch.Tensor | None:
+        """One mSAM step on this rank's ``batch`` (as :meth:`MSAM.step`); returns its local loss."""
+        if loss_fn is None:
+            if batch is None and self._needs_sync:
+                self._sync_grads()
+            return super().step(loss_fn, batch, scaler=scaler)
+        return self._run(super().step, loss_fn, batch, scaler=scaler, sync=True,
+                         accumulate=False)
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._needs_sync = False
+        super().zero_grad(set_to_none=set_to_none)
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + (
+            f", mode={self.mode!r}, world_size={self.world_size})"
+        )
+
+    # -- the call ------------------------------------------------------------------------------
+    def _run(self, method: Callable, loss_fn: Any, batch: Any, *, scaler: Any, sync: bool,
+             accumulate: bool, **kw: Any) -> Any:
+        if self.ddp is None:
+            return method(loss_fn, batch, scaler=scaler, **kw)
+        if self._call is not None:
+            raise RuntimeError("DistributedMSAM.step/accumulate called from inside loss_fn")
+        if not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if not accumulate and not self.ddp.require_backward_grad_sync:
+            raise RuntimeError(
+                "step(loss_fn, batch) inside ddp.no_sync() would update the weights with an "
+                "unsynchronised gradient; accumulate under no_sync with accumulate(...) (or "
+                "accumulate(..., sync=False)) and finish with step()"
+            )
+        sync = bool(sync) and self.ddp.require_backward_grad_sync
+        params, _, _, perturb = self._per_param()
+        self._call = _Call(sync=sync, scaler=scaler,
+                           pert_params=[p for p, k in zip(params, perturb) if k])
+        try:
+            try:
+                out = method(self._guard(loss_fn), batch, scaler=scaler, **kw)
+            except BaseException as err:
+                if self.check_errors and not self._call.settled:
+                    flag = _NONFINITE if isinstance(err, NonFiniteLossError) else _FAILED
+                    self._agree(flag, f"{type(err).__name__}: {err}", final=True)
+                raise
+            result = self.last_result
+            skipped = result is not None and result.skipped
+            if self.check_errors and not self._call.settled:
+                # Only a locally skipped step (non-finite value) gets here: tell the others.
+                self._agree(_NONFINITE, result.reason if skipped else "skipped", final=True)
+        finally:
+            self._call = None
+        if not skipped:
+            # A synchronised call leaves every accumulated gradient averaged over the ranks.
+            self._needs_sync = accumulate and not sync
+        return out
+
+    def _count_forward(self, module: nn.Module, args: Any) -> None:
+        self._ddp_forwards += 1
+
+    def _guard(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def guarded(*args: Any) -> torch.Tensor:
+            before = self._ddp_forwards
+            loss = loss_fn(*args)
+            call = self._call
+            if call is not None and call.final_pass and self._ddp_forwards == before:
+                raise RuntimeError(
+                    "loss_fn did not call the DistributedDataParallel model, so DDP would not "
+                    "average the gradients: call the DDP wrapper (not its .module) in loss_fn"
+                )
+            if call is not None and call.final_pass and self.check_errors:
+                # Last forward before DDP's all-reduce: validate here so that a bad loss is
+                # reported to every rank before anyone enters the backward.
+                check_loss(loss, "perturbed", -1)
+                self._agree(_OK, "", final=True)
+            return loss
+        return guarded
+
+    def _descent_context(self, j: int, m: int) -> contextlib.AbstractContextManager:
+        call = self._call
+        last = j == m - 1
+        if call is not None and last and call.sync:
+            return self._synced_pass(call)
+        return self._unsynced_pass(call, last)
+
+    @contextlib.contextmanager
+    def _synced_pass(self, call: _Call) -> Iterator[None]:
+        call.final_pass = True
+        try:
+            yield
+        finally:
+            call.final_pass = False
+
+    @contextlib.contextmanager
+    def _unsynced_pass(self, call: _Call | None, last: bool) -> Iterator[None]:
+        assert self.ddp is not None
+        with self.ddp.no_sync():
+            yield
+        # Reached only when the pass succeeded. The call's last pass is its agreement point:
+        # include the local gradient check the engine would do after it.
+        if last and call is not None and self.check_errors:
+            bad = ""
+            if call.scaler is None or not call.scaler.is_enabled():
+                bad = next((f"non-finite gradient (parameter {i})"
+                            for i, p in enumerate(self._params())
+                            if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "")
+            self._agree(_NONFINITE if bad else _OK, bad, final=True)
+            if bad:
+                raise NonFiniteLossError("perturbed", -1, "gradient")
+
+    # -- communication ---------------------------------------------------------------------------
+    def _agree(self, flag: int, detail: str, *, final: bool) -> None:
+        """All ranks exchange an error flag; raise if another rank reported a problem."""
+        call = self._call
+        flags = torch.zeros(self.world_size, dtype=torch.int32, device=self._comm_device)
+        flags[self.rank] = flag
+        dist.all_reduce(flags, group=self.process_group)
+        self.comm_counts["error_check"] += 1
+        failed = bool(flags.any())
+        if call is not None and (final or failed):
+            call.settled = True
+        if not failed:
+            return
+        self._reset_reducer()
+        details: list[Any] = [None] * self.world_size
+        dist.all_gather_object(details, detail if flag else None, group=self.process_group)
+        if flag != _OK:
+            return  # the caller raises its own error
+        flags_list = flags.tolist()
+        others = {
+            _global_rank(self.process_group, r): str(details[r])
+            for r in range(self.world_size) if flags_list[r]
+        }
+        if all(f in (_OK, _NONFINITE) for f in flags_list):
+            raise RemoteNonFiniteError(others)
+        raise DistributedStepError(others)
+
+    def _reset_reducer(self) -> None:
+        """Put DDP back in its between-steps state, identically on every rank.
+
+        A rank that ran its synchronised forward before learning that another rank failed has
+        a reducer armed for a backward that will not come; its next backward (even under
+        ``no_sync``) would all-reduce alone. Every rank therefore resets its reducer (DDP's
+        ``Reducer._reset_state``, as ``DistributedDataParallel._update_process_group`` does;
+        buckets are rebuilt after the next synchronised backward, on every rank alike) and sets
+        ``require_forward_param_sync`` as a finished step leaves it.
+        """
+        assert self.ddp is not None
+        reset = getattr(self.ddp.reducer, "_reset_state", None)
+        if reset is None:  # pragma: no cover - torch without Reducer._reset_state
+            raise RuntimeError(
+                "this torch's DDP reducer cannot be reset after a failed step; rebuild the "
+                "DistributedDataParallel wrapper (and the optimizer) before continuing"
+            )
+        reset()
+        self.ddp._has_rebuilt_buckets = False
+        self.ddp.require_forward_param_sync = True
+
+    def _ascent_all_reduce(self, grads: tuple) -> tuple:
+        """Synchronized mode: replace this rank's ascent gradient by the mean over the ranks."""
+        call = self._call
+        assert call is not None
+        if self.check_errors:
+            self._agree(_OK, "", final=False)
+        params = call.pert_params
+        if len(params) != len(grads):  # pragma: no cover - engine contract
+            raise RuntimeError("ascent_grad_hook: gradient / parameter count mismatch")
+        full = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        out = list(full)
+        for idx in _groups(full):
+            flat = torch.cat([full[i].reshape(-1) for i in idx])
+            dist.all_reduce(flat, group=self.process_group)
+            self.comm_counts["ascent_allreduce"] += 1
+            flat.div_(self.world_size)
+            offset = 0
+            for i in idx:
+                n = full[i].numel()
+                out[i] = flat[offset:offset + n].view_as(full[i])
+                offset += n
+        return tuple(out)
+
+    @torch.no_grad()
+    def _sync_grads(self) -> None:
+        """All-reduce (average) ``p.grad`` that DDP has not synchronised yet; one call per dtype."""
+        params = self._params()
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float64,
+                               device=self._comm_device)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        groups = _groups(grads)
+        flats = [torch.cat([grads[i].reshape(-1) for i in idx]) for idx in groups]
+        # The presence mask rides along with the first group (one all-reduce per dtype/device).
+        flats[0] = torch.cat([flats[0], present.to(flats[0])])
+        for flat in flats:
+            dist.all_reduce(flat, group=self.process_group)
+            self.comm_counts["grad_sync"] += 1
+            flat.div_(self.world_size)
+        present_any = flats[0][-len(params):] > 0
+        flats[0] = flats[0][:-len(params)]
+        for idx, flat in zip(groups, flats):
+            offset = 0
+            for i in idx:
+                n = grads[i].numel()
+                if bool(present_any[i]):
+                    g = flat[offset:offset + n].view_as(grads[i])
+                    if params[i].grad is None:
+                        params[i].grad = g.clone()
+                    else:
+                        params[i].grad.copy_(g)
+                offset += n
+        self._needs_sync = False
+
+
+def _groups(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Indices grouped by (dtype, device), so each group flattens into one tensor."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    return list(groups.values())
+
+
+def _global_rank(group: Any, group_rank: int) -> int:
+    try:
+        return dist.get_global_rank(group, group_rank) if group is not None else group_rank
+    except (RuntimeError, ValueError, AttributeError):  # pragma: no cover - default group
+        return group_rank
+
+
+def _check_batchnorm(ddp: nn.parallel.DistributedDataParallel | None, module: nn.Module) -> None:
+    sync_bn = [n for n, m in module.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+    if sync_bn:
+        devices = {p.device.type for p in module.parameters()} | {
+            b.device.type for b in module.buffers()}
+        if "cpu" in devices:
+            raise ValueError(
+                f"SyncBatchNorm ({sync_bn[0]!r}) needs CUDA/XPU tensors in this torch "
+                f"({torch.__version__}); on CPU use BatchNorm with per-rank statistics "
+                "(DDP with msam.distributed.ddp_kwargs()) and "
+                "msam.distributed.average_batchnorm_buffers before evaluation"
+            )
+    if ddp is None or not _forward_syncs_buffers(ddp):
+        return
+    per_rank = [n for n, m in module.named_modules()
+                if isinstance(m, _BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+                and m.track_running_stats and m.running_mean is not None]
+    if per_rank:
+        kw = ", ".join(f"{k}={v}" for k, v in ddp_kwargs().items())
+        raise ValueError(
+            f"BatchNorm ({per_rank[0]!r}) with DDP's buffer broadcast: DDP would overwrite "
+            "each rank's running statistics with rank 0's on synchronised forwards, mixing two "
+            f"policies. Build DDP with {kw} (msam.distributed.ddp_kwargs()) for per-rank "
+            "statistics, and call msam.distributed.average_batchnorm_buffers(model) before "
+            "evaluating; or use SyncBatchNorm (CUDA)"
+        )

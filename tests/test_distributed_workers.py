@@ -1,0 +1,455 @@
+"""Multi-process scenarios for the msam.distributed tests (no tests here, only workers).
+
+``spawn(name, out_dir)`` starts ``WORLD`` processes with the "spawn" start method; each joins a
+gloo process group on 127.0.0.1 (free port, collective timeout ``PG_TIMEOUT_S``), runs
+``SCENARIOS[name]`` and writes its result to ``out_dir/rank{r}.pt``. The parent waits at most
+``JOIN_TIMEOUT_S`` and kills whatever is left, so a hang fails the test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import msam
+from msam.distributed import (
+    DistributedMSAM,
+    UnsupportedWrapperError,
+    average_batchnorm_buffers,
+    ddp_kwargs,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+WORLD = 2
+PG_TIMEOUT_S = 30
+JOIN_TIMEOUT_S = 120
+
+# -- harness ----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, name: str, out_dir: str, kwargs: dict) -> None:
+    torch.set_num_threads(1)
+    out = Path(out_dir) / f"rank{rank}.pt"
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+        )
+        try:
+            result = SCENARIOS[name](rank, world, Path(out_dir), **kwargs)
+        finally:
+            dist.destroy_process_group()
+        torch.save(result, out)
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        torch.save({"__error__": traceback.format_exc()}, out)
+        raise SystemExit(1) from None
+
+
+def spawn(name: str, out_dir: Path, world: int = WORLD, timeout: float = JOIN_TIMEOUT_S,
+          **kwargs: Any) -> list[dict]:
+    """Run scenario ``name`` on ``world`` ranks; returns each rank's result dict."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, name, str(out_dir), kwargs))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    if hung:
+        raise AssertionError(f"scenario {name!r}: rank(s) {hung} still running after {timeout}s")
+    results = []
+    for r in range(world):
+        path = Path(out_dir) / f"rank{r}.pt"
+        if not path.exists():
+            raise AssertionError(f"scenario {name!r}: rank {r} exited with "
+                                 f"{procs[r].exitcode} and wrote no result")
+        res = torch.load(path, weights_only=False)
+        if "__error__" in res:
+            raise AssertionError(f"scenario {name!r}: rank {r} failed:\n{res['__error__']}")
+        results.append(res)
+    return results
+
+
+# -- models and data --------------------------------------------------------------------------
+
+N_GLOBAL = 16
+
+
+def _mlp(seed: int, bn: bool = False, dropout: float = 0.0, unused: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(6, 16)]
+    if bn:
+        layers.append(nn.BatchNorm1d(16))
+    layers.append(nn.Tanh())
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(16, 3))
+    model: nn.Module = nn.Sequential(*layers)
+    if unused:
+        model = _WithUnused(model)
+    return model.double()
+
+
+class _WithUnused(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.unused = nn.Linear(2, 2)  # a parameter no forward uses
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _global_batch(step: int, n: int = N_GLOBAL) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return (torch.randn(n, 6, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (n,), generator=g))
+
+
+def _shard(batch: tuple, rank: int, world: int) -> tuple:
+    """Rank ``rank``'s contiguous shard of the global batch."""
+    return tuple(torch.tensor_split(t, world)[rank] for t in batch)
+
+
+def _loss_fn(model: nn.Module):
+    def loss_fn(b):
+        return nn.functional.cross_entropy(model(b[0]), b[1])
+    return loss_fn
+
+
+BASES = {
+    "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}),
+    "adamw": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.01}),
+}
+
+
+def _ddp(model: nn.Module, counter: list[int] | None = None, **kw: Any) -> DDP:
+    ddp = DDP(model, bucket_cap_mb=1000, **{**ddp_kwargs(), **kw})
+    if counter is not None:
+        def counting_hook(state, bucket):
+            counter[0] += 1
+            return allreduce_hook(state, bucket)
+        ddp.register_comm_hook(None, counting_hook)
+    return ddp
+
+
+def _max_diff(a: nn.Module, b: nn.Module) -> float:
+    return max(float((p - q).detach().abs().max())
+               for p, q in zip(a.parameters(), b.parameters()))
+
+
+def _bn_diff(a: nn.Module, b: nn.Module) -> float:
+    out = 0.0
+    for (_, x), (_, y) in zip(a.named_buffers(), b.named_buffers()):
+        out = max(out, float((x.double() - y.double()).abs().max()))
+    return out
+
+
+# -- scenario: equivalence and communication counts --------------------------------------------
+
+
+def _local_vs_single(rank: int, world: int, base: str, steps: int = 3) -> dict:
+    cls, kw = BASES[base]
+    model = _mlp(0, bn=True)
+    counter = [0]
+    ddp = _ddp(model, counter)
+    opt = DistributedMSAM(ddp, None, cls, rho=0.1, micro_batches=2, **kw)
+    ref = _mlp(0, bn=True)
+    ref_opt = msam.MSAM(ref.parameters(), cls, rho=0.1, micro_batches=2 * world, **kw)
+    diffs, calls = [], []
+    for s in range(steps):
+        batch = _global_batch(s)
+        before = counter[0]
+        opt.step(_loss_fn(ddp), _shard(batch, rank, world))
+        calls.append(counter[0] - before)
+        ref_opt.step(_loss_fn(ref), batch)
+        diffs.append(_max_diff(model, ref))
+    # per-rank statistics differ; their average is the single-process statistics
+    mean = model[1].running_mean.clone()
+    gathered = [torch.zeros_like(mean) for _ in range(world)]
+    dist.all_gather(gathered, mean)
+    spread = float((gathered[0] - gathered[1]).abs().max())
+    average_batchnorm_buffers(ddp)
+    return {
+        "param_diff": diffs, "hook_calls_per_step": calls, "bn_diff": _bn_diff(model, ref),
+        "bn_rank_spread": spread, "comm_counts": dict(opt.comm_counts),
+        "global_micro_batches": opt.global_micro_batches,
+        "params": [p.detach().clone() for p in model.parameters()],
+    }
+
+
+def _synchronized(rank: int, world: int, steps: int = 3) -> dict:
+    cls, kw = BASES["sgd"]
+    model = _mlp(1)
+    counter = [0]
+    ddp = _ddp(model, counter)
+    opt = DistributedMSAM(ddp, None, cls, rho=0.1, mode="synchronized", **kw)
+    ref = _mlp(1)
+    ref_opt = msam.SAM(ref.parameters(), cls, rho=0.1, **kw)
+    loc = _mlp(1)
+    loc_ddp = _ddp(loc)
+    loc_opt = DistributedMSAM(loc_ddp, None, cls, rho=0.1, **kw)
+    diffs, calls, ascent = [], [], []
+    for s in range(steps):
+        batch = _global_batch(s)
+        before, before_a = counter[0], opt.comm_counts["ascent_allreduce"]
+        opt.step(_loss_fn(ddp), _shard(batch, rank, world))
+        calls.append(counter[0] - before)
+        ascent.append(opt.comm_counts["ascent_allreduce"] - before_a)
+        ref_opt.step(_loss_fn(ref), batch)
+        loc_opt.step(_loss_fn(loc_ddp), _shard(batch, rank, world))
+        diffs.append(_max_diff(model, ref))
+    return {"param_diff": diffs, "hook_calls_per_step": calls, "ascent_allreduce_per_step": ascent,
+            "local_vs_sam": _max_diff(loc, ref)}
+
+
+def _accumulate(rank: int, world: int, steps: int = 2, k: int = 3) -> dict:
+    cls, kw = BASES["sgd"]
+    out = {}
+    for variant in ("sync_kw", "no_sync_ctx", "all_unsynced"):
+        model = _mlp(2, bn=True)
+        counter = [0]
+        ddp = _ddp(model, counter)
+        opt = DistributedMSAM(ddp, None, cls, rho=0.1, micro_batches=2, **kw)
+        ref = _mlp(2, bn=True)
+        ref_opt = msam.MSAM(ref.parameters(), cls, rho=0.1, micro_batches=2 * world, **kw)
+        diffs, calls, grad_sync = [], [], []
+        for s in range(steps):
+            before, before_g = counter[0], opt.comm_counts["grad_sync"]
+            for i in range(k):
+                batch = _global_batch(100 * s + i)
+                local = _shard(batch, rank, world)
+                last = i == k - 1
+                if variant == "sync_kw":
+                    opt.accumulate(_loss_fn(ddp), local, scale=1 / k, sync=last)
+                elif variant == "no_sync_ctx":
+                    if last:
+                        opt.accumulate(_loss_fn(ddp), local, scale=1 / k)
+                    else:
+                        with ddp.no_sync():
+                            opt.accumulate(_loss_fn(ddp), local, scale=1 / k)
+                else:
+                    opt.accumulate(_loss_fn(ddp), local, scale=1 / k, sync=False)
+                ref_opt.accumulate(_loss_fn(ref), batch, scale=1 / k)
+            opt.step()
+            ref_opt.step()
+            calls.append(counter[0] - before)
+            grad_sync.append(opt.comm_counts["grad_sync"] - before_g)
+            diffs.append(_max_diff(model, ref))
+        out[variant] = {"param_diff": diffs, "hook_calls_per_step": calls,
+                        "grad_sync_per_step": grad_sync}
+    return out
+
+
+def _ddp_variant(rank: int, world: int, steps: int = 3, **ddp_kw: Any) -> dict:
+    cls, kw = BASES["sgd"]
+    unused = ddp_kw.get("find_unused_parameters", False)
+    model = _mlp(3, unused=unused)
+    ddp = _ddp(model, **ddp_kw)
+    params = [p for n, p in model.named_parameters() if not n.startswith("unused")]
+    opt = DistributedMSAM(ddp, params, cls, rho=0.1, micro_batches=2, **kw)
+    ref = _mlp(3, unused=unused)
+    ref_params = [p for n, p in ref.named_parameters() if not n.startswith("unused")]
+    ref_opt = msam.MSAM(ref_params, cls, rho=0.1, micro_batches=2 * world, **kw)
+    diffs = []
+    for s in range(steps):
+        batch = _global_batch(s)
+        opt.step(_loss_fn(ddp), _shard(batch, rank, world))
+        ref_opt.step(_loss_fn(ref), batch)
+        diffs.append(_max_diff(model, ref))
+    return {"param_diff": diffs}
+
+
+def scenario_equivalence(rank: int, world: int, out_dir: Path) -> dict:
+    out: dict[str, Any] = {}
+    for base in BASES:
+        out[f"local_{base}"] = _local_vs_single(rank, world, base)
+    out["synchronized"] = _synchronized(rank, world)
+    out["accumulate"] = _accumulate(rank, world)
+    out["find_unused"] = _ddp_variant(rank, world, find_unused_parameters=True)
+    out["bucket_view"] = _ddp_variant(rank, world, gradient_as_bucket_view=True)
+    try:
+        _ddp_variant(rank, world, static_graph=True)
+        out["static_graph_error"] = ""
+    except UnsupportedWrapperError as err:
+        out["static_graph_error"] = str(err)
+    try:
+        DistributedMSAM(_mlp(0), None, torch.optim.SGD, lr=0.1)
+        out["plain_module_error"] = ""
+    except UnsupportedWrapperError as err:
+        out["plain_module_error"] = str(err)
+    return out
+
+
+# -- scenario: checkpoint and bit-identical resume ---------------------------------------------
+
+
+def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    out = [t.detach().clone() for t in model.state_dict().values()]
+    for st in opt.state_dict()["state"].values():
+        out.extend(v.detach().clone() for v in st.values() if isinstance(v, torch.Tensor))
+    return out
+
+
+def _resume(rank: int, world: int, out_dir: Path, steps: int = 6, at: int = 3) -> dict:
+    cls, kw = BASES["sgd"]
+    ckpt = out_dir / "resume.pt"
+
+    def make(seed: int):
+        model = _mlp(seed, bn=True, dropout=0.2)
+        ddp = _ddp(model)
+        return model, ddp, DistributedMSAM(ddp, None, cls, rho=0.1, micro_batches=2, **kw)
+
+    model, ddp, opt = make(4)
+    torch.manual_seed(10 + rank)  # each rank its own dropout stream
+    for s in range(steps):
+        if s == at:
+            save_checkpoint(ckpt, ddp, opt, extra={"step": s})
+        opt.step(_loss_fn(ddp), _shard(_global_batch(s), rank, world))
+    full = _snapshot(model, opt)
+
+    model2, ddp2, opt2 = make(5)       # different weights and RNG until loaded
+    torch.manual_seed(12345)
+    extra = load_checkpoint(ckpt, ddp2, opt2)
+    for s in range(extra["step"], steps):
+        opt2.step(_loss_fn(ddp2), _shard(_global_batch(s), rank, world))
+    resumed = _snapshot(model2, opt2)
+    return {
+        "bitwise": len(full) == len(resumed) and all(
+            torch.equal(a, b) for a, b in zip(full, resumed)),
+        "n_tensors": len(full),
+        "steps": (opt.steps, opt2.steps),
+        "leftovers": sorted(p.name for p in out_dir.iterdir() if p.name.endswith(".tmp")),
+    }
+
+
+# -- scenario: a failing rank --------------------------------------------------------------------
+
+
+class _Flaky:
+    """loss_fn that raises (or returns NaN) on one rank at its ``call``-th call of a step."""
+
+    def __init__(self, ddp: DDP, rank: int) -> None:
+        self.ddp, self.rank, self.plan, self.calls = ddp, rank, None, 0
+
+    def arm(self, rank: int | None = None, call: int = 0, kind: str = "raise") -> None:
+        self.plan = None if rank is None else (rank, call, kind)
+        self.calls = 0
+
+    def __call__(self, b: tuple) -> torch.Tensor:
+        self.calls += 1
+        loss = nn.functional.cross_entropy(self.ddp(b[0]), b[1])
+        if self.plan is not None and self.plan[0] == self.rank and self.plan[1] == self.calls:
+            if self.plan[2] == "raise":
+                raise ValueError(f"boom on rank {self.rank}")
+            return loss * float("nan")
+        return loss
+
+
+def _params_equal_across_ranks(model: nn.Module, world: int) -> bool:
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+def _outcome(fn) -> str:
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - recorded for the parent
+        return f"{type(err).__name__}: {err}"
+    return "ok"
+
+
+def _faults(rank: int, world: int, out_dir: Path) -> dict:
+    cls, kw = BASES["sgd"]
+    out: dict[str, Any] = {}
+    local = _shard(_global_batch(0), rank, world)
+
+    def setup(seed: int, **opt_kw: Any):
+        model = _mlp(seed, bn=True)
+        ddp = _ddp(model)
+        opt = DistributedMSAM(ddp, None, cls, rho=0.1, **{"micro_batches": 2, **kw, **opt_kw})
+        return model, ddp, opt, _Flaky(ddp, rank)
+
+    def case(name: str, model, opt, flaky, plan: tuple, run) -> None:
+        before = [p.detach().clone() for p in model.parameters()]
+        flaky.arm(*plan)
+        outcome = _outcome(run)
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        flaky.arm()
+        opt.zero_grad()
+        recovery = _outcome(lambda: opt.step(flaky, local))   # the group still works
+        out[name] = {"outcome": outcome, "unchanged": unchanged, "recovery": recovery,
+                     "in_sync": _params_equal_across_ranks(model, world)}
+
+    # non-finite values with nonfinite="skip": every rank skips the step
+    model, ddp, opt, flaky = setup(6, nonfinite="skip")
+    case("skip_ascent", model, opt, flaky, (1, 1, "nan"), lambda: opt.step(flaky, local))
+    case("skip_final", model, opt, flaky, (0, 4, "nan"), lambda: opt.step(flaky, local))
+    out["skipped_steps"] = opt.skipped_steps
+
+    # an exception: the failing rank raises it, the others DistributedStepError
+    model, ddp, opt, flaky = setup(7)
+    opt.step(flaky, local)
+    ckpt = out_dir / "faults.pt"
+    save_checkpoint(ckpt, ddp, opt, extra={"step": 1})
+    saved = _snapshot(model, opt)
+    case("raise_ascent", model, opt, flaky, (1, 1, "raise"), lambda: opt.step(flaky, local))
+    fresh, fresh_ddp, fresh_opt, _ = setup(8)
+    load_checkpoint(ckpt, fresh_ddp, fresh_opt)
+    out["checkpoint_intact"] = all(
+        torch.equal(a, b) for a, b in zip(saved, _snapshot(fresh, fresh_opt)))
+    case("raise_final", model, opt, flaky, (0, 4, "raise"), lambda: opt.step(flaky, local))
+    case("raise_unsynced_accumulate", model, opt, flaky, (1, 2, "raise"),
+         lambda: opt.accumulate(flaky, local, sync=False))
+    case("nan_raise", model, opt, flaky, (1, 3, "nan"), lambda: opt.step(flaky, local))
+
+    model, ddp, opt, flaky = setup(9, mode="synchronized", micro_batches=1)
+    case("sync_raise_ascent", model, opt, flaky, (1, 1, "raise"), lambda: opt.step(flaky, local))
+    case("sync_raise_descent", model, opt, flaky, (0, 2, "raise"),
+         lambda: opt.step(flaky, local))
+    return out
+
+
+def scenario_all(rank: int, world: int, out_dir: Path) -> dict:
+    t0 = time.perf_counter()
+    out = scenario_equivalence(rank, world, out_dir)
+    out["resume"] = _resume(rank, world, out_dir)
+    out["faults"] = _faults(rank, world, out_dir)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+SCENARIOS = {
+    "equivalence": scenario_equivalence,
+    "all": scenario_all,
+    "faults": lambda rank, world, out_dir: _faults(rank, world, out_dir),
+}
+
+__all__ = ["SCENARIOS", "spawn"]
