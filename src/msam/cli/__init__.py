@@ -1,0 +1,1 @@
+"""The ``msam`` command line (``msam.cli.main:main``)."""

@@ -1,0 +1,503 @@
+"""Studies: a grid of training runs with a summary table, a CSV of all runs and plots.
+
+A study config is a run config plus
+
+* ``grid``: ``{key: [values]}`` over training keys, e.g. ``optimizer: [sgd, sam, msam]``,
+  ``rho: [0.05]``, ``micro_batches: [4, 16]``, ``seed: [0, 1, 2]``;
+* ``per_method``: ``{method: {key: [values]}}`` replacing grid axes for one method (e.g. a
+  larger ``rho`` for ``asam``);
+* ``name`` and ``plots``.
+
+Per-method rules keep the grid free of duplicates: ``sgd`` ignores ``rho``, ``micro_batches``,
+``eta`` and ``strategy``; ``sam`` ignores ``micro_batches``; only ``asam`` uses ``eta``; and
+``msam`` with ``m = 1`` *is* SAM, so it becomes the ``sam`` run. A *cell* is one combination
+without the seed; its runs differ only in ``seed``.
+
+Layout (``out_dir``)::
+
+    study.yaml          the resolved study config
+    runs/<run name>/    one run directory per run (see msam.training.trainer)
+    runs.csv            one row per run
+    summary.md          mean +/- std per cell (and the per-run table)
+    test_acc_vs_m.png   final test accuracy against m, one line per method / rho
+    curves.png          validation accuracy and training loss per epoch, one line per cell
+
+Resumable: a run whose ``done.json`` exists is not run again (its config must match); an
+interrupted run resumes from its ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import re
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_json, atomic_write_text
+from .config import (
+    METHODS,
+    RESUMABLE_CHANGES,
+    ConfigError,
+    StudyConfig,
+    TrainConfig,
+    apply_overrides,
+    config_diff,
+    train_config_from_dict,
+)
+from .trainer import RunResult, is_finished, train
+
+__all__ = ["StudyRun", "expand_grid", "load_runs", "run_study", "summarize"]
+
+# Keys a method does not use: they are dropped from its grid (and its run names).
+IGNORED_BY = {
+    "sgd": {"rho", "micro_batches", "eta", "strategy"},
+    "sam": {"micro_batches", "eta"},
+    "msam": {"eta"},
+    "asam": set(),
+}
+_ABBREV = {"rho": "rho", "micro_batches": "m", "seed": "s", "label_noise": "noise",
+           "batch_size": "bs", "weight_decay": "wd", "learning_rate": "lr", "lr": "lr",
+           "train_subset": "n", "epochs": "ep"}
+
+
+@dataclass
+class StudyRun:
+    """One run of a study: its name, cell, seed and full config."""
+
+    name: str
+    method: str
+    cell: tuple[tuple[str, Any], ...]  # (key, value) pairs without the seed, method first
+    seed: int
+    config: TrainConfig
+    result: RunResult | None = None
+    status: str = "pending"
+    error: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cell_label(self) -> str:
+        return _cell_label(self.cell)
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "-".join(_fmt_value(x) for x in v)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(v)).strip("-") or "x"
+
+
+def _cell_label(cell: Sequence[tuple[str, Any]]) -> str:
+    parts = []
+    for k, v in cell:
+        if k == "optimizer":
+            parts.append(str(v))
+        else:
+            parts.append(f"{_ABBREV.get(k, k.split('.')[-1])}={_fmt_value(v)}")
+    return " ".join(parts)
+
+
+def _run_name(method: str, cell: Sequence[tuple[str, Any]], seed: int) -> str:
+    parts = [method]
+    for k, v in cell:
+        if k == "optimizer":
+            continue
+        parts.append(f"{_ABBREV.get(k, k.replace('.', '-'))}{_fmt_value(v)}")
+    parts.append(f"s{seed}")
+    return "_".join(parts)
+
+
+def expand_grid(study: StudyConfig) -> list[StudyRun]:
+    """All runs of the study, in a stable order, with per-method rules applied.
+
+    Every run's config is built and validated here, so a bad grid value fails before any
+    training starts (the error names the grid key).
+    """
+    base = study.train
+    grid = dict(study.grid)
+    methods = list(grid.pop("optimizer", [base.optimizer]))
+    seeds = list(grid.pop("seed", [base.seed]))
+    runs: list[StudyRun] = []
+    seen: set[str] = set()
+    for method in dict.fromkeys(methods):
+        own = dict(study.per_method.get(method, {}))
+        seeds_m = list(own.pop("seed", seeds))
+        axes = {**grid, **own}
+        axes = {k: v for k, v in axes.items() if k.split(".")[0] not in IGNORED_BY[method]}
+        keys = list(axes)
+        for combo in itertools.product(*(axes[k] for k in keys)):
+            values = dict(zip(keys, combo))
+            actual = method
+            if method == "msam" and values.get("micro_batches", base.micro_batches) == 1:
+                actual = "sam"  # mSAM with one micro-batch is SAM
+                values.pop("micro_batches", None)
+            cell = (("optimizer", actual),) + tuple(
+                (k, v) for k, v in values.items()
+                if k.split(".")[0] not in IGNORED_BY[actual]
+            )
+            for seed in seeds_m:
+                name = _run_name(actual, cell, seed)
+                if name in seen:
+                    continue
+                seen.add(name)
+                overrides = [("optimizer", actual), ("seed", seed)]
+                overrides += [(k, v) for k, v in cell if k != "optimizer"]
+                raw, sources = apply_overrides(study.raw, overrides)
+                sources = {k: f"grid value {k}={v!r} (run {name})" for k, v in overrides}
+                cfg = train_config_from_dict(raw, study.source, sources)
+                cfg = cfg.replace(out_dir=str(Path(base.out_dir) / "runs" / name)).resolved()
+                runs.append(StudyRun(name=name, method=actual, cell=cell, seed=seed,
+                                     config=cfg))
+    return runs
+
+
+def _check_matches(run: StudyRun, done_config: dict[str, Any]) -> None:
+    diff = [k for k in config_diff(done_config, run.config.to_dict())
+            if k.split(".")[0] not in RESUMABLE_CHANGES]
+    if diff:
+        raise ConfigError(
+            f"run directory {run.config.out_dir!r} holds a finished run with a different config "
+            f"({', '.join(diff)}); delete it or use another out_dir for the study"
+        )
+
+
+def run_study(
+    study: StudyConfig,
+    *,
+    quiet: bool = False,
+    dry_run: bool = False,
+    printer: Callable[[str], None] = print,
+) -> Path:
+    """Run (or resume) every run of ``study`` and write the summary; returns the study dir."""
+    root = Path(study.train.out_dir)
+    runs = expand_grid(study)
+    if dry_run:
+        for r in runs:
+            printer(f"{r.name}: {r.cell_label} seed={r.seed} -> {r.config.out_dir}")
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    _write_study_config(root, study)
+    t_start = time.perf_counter()
+    for i, run in enumerate(runs, 1):
+        run_dir = Path(run.config.out_dir)
+        done = run_dir / "done.json"
+        prefix = f"[{i}/{len(runs)} {run.name}] "
+        if done.exists():
+            try:
+                info = json.loads(done.read_text())
+            except (OSError, json.JSONDecodeError):
+                info = {}
+            _check_matches(run, info.get("config", {}))
+            if is_finished(run_dir, run.config):
+                run.result = RunResult.from_dir(run_dir)
+                run.status = "done"
+                if not quiet:
+                    printer(f"{prefix}finished earlier; skipped")
+                continue
+        try:
+            started = (run_dir / "last.pt").exists() or done.exists()
+            run.result = train(run.config, resume=started, quiet=quiet, log_prefix=prefix)
+            run.status = "done"
+        except (ConfigError, KeyboardInterrupt):
+            raise
+        except Exception as err:  # one failed run must not lose the others
+            run.status = "failed"
+            run.error = f"{type(err).__name__}: {err}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "error.txt", traceback.format_exc())
+            printer(f"{prefix}FAILED: {run.error} (traceback in {run_dir / 'error.txt'})")
+    summary = summarize(study, runs, root)
+    elapsed = time.perf_counter() - t_start
+    printer("")
+    printer(summary["table"])
+    printer("")
+    printer(f"study {study.name!r}: {len(runs)} runs in {elapsed:.1f}s -> {root}")
+    printer(f"summary: {summary['summary_path']}")
+    for p in summary["plots"]:
+        printer(f"plot: {p}")
+    failed = [r for r in runs if r.status == "failed"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(r.name for r in failed)}")
+    return root
+
+
+def _write_study_config(root: Path, study: StudyConfig) -> None:
+    d = study.to_dict()
+    d["out_dir"] = str(root)
+    atomic_write_json(root / "study.json", d)
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover
+        return
+    atomic_write_text(root / "study.yaml", yaml.safe_dump(d, sort_keys=False))
+
+
+# -- summary -----------------------------------------------------------------------------------
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    return mean, math.sqrt(var)
+
+
+def _pm(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    if mean is None:
+        return "-"
+    s = f"{mean * scale:.{digits}f}"
+    if std is not None:
+        s += f" ± {std * scale:.{digits}f}"
+    return s
+
+
+def _run_row(run: StudyRun, grid_keys: Sequence[str]) -> dict[str, Any]:
+    res = run.result
+    final = res.final if res is not None else {}
+    row: dict[str, Any] = {"run": run.name, "method": run.method}
+    cell = dict(run.cell)
+    for k in grid_keys:
+        row[k] = cell.get(k, "")
+    row.update(seed=run.seed, status=run.status,
+               test_acc=final.get("test_acc"), val_acc=final.get("val_acc"),
+               train_loss=final.get("train_loss"), train_acc=final.get("train_acc"),
+               test_loss=final.get("test_loss"), epochs=final.get("epoch"),
+               time_s=None if res is None else round(res.train_time_s, 3))
+    for k, v in ((res.sharpness or {}) if res is not None else {}).items():
+        if k != "examples":
+            row[f"sharpness.{k}"] = v
+    row["run_dir"] = run.config.out_dir
+    row["error"] = run.error
+    return row
+
+
+_METHOD_ORDER = {m: i for i, m in enumerate(METHODS)}
+
+
+def _sort_key(cell: tuple[tuple[str, Any], ...]) -> tuple:
+    out: list[Any] = [_METHOD_ORDER.get(dict(cell)["optimizer"], 99)]
+    for k, v in cell[1:]:
+        out.append((k, (0, v) if isinstance(v, (int, float)) else (1, str(v))))
+    return tuple(out)
+
+
+def summarize(study: StudyConfig, runs: list[StudyRun], root: Path) -> dict[str, Any]:
+    """Write ``runs.csv``, ``summary.md`` and the plots; returns the table and paths."""
+    grid_keys = [k for k in dict.fromkeys(
+        k for r in runs for k, _ in r.cell if k != "optimizer")]
+    rows = [_run_row(r, grid_keys) for r in runs]
+    sharp_keys = sorted({k for row in rows for k in row if k.startswith("sharpness.")})
+    columns = (["run", "method", *grid_keys, "seed", "status", "test_acc", "val_acc",
+                "train_loss", "train_acc", "test_loss", "epochs", "time_s", *sharp_keys,
+                "run_dir", "error"])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    atomic_write_text(root / "runs.csv", buf.getvalue())
+
+    cells: dict[tuple, list[StudyRun]] = {}
+    for r in runs:
+        cells.setdefault(r.cell, []).append(r)
+    ordered = sorted(cells, key=_sort_key)
+    header = ["method", *[_ABBREV.get(k, k) for k in grid_keys], "n", "test acc (%)",
+              "val acc (%)", "train loss", "time/run (s)", *[k.split(".", 1)[1]
+                                                            for k in sharp_keys]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cell_stats = []
+    for cell in ordered:
+        members = [r for r in cells[cell] if r.result is not None and r.result.history]
+        finals = [r.result.final for r in members]  # type: ignore[union-attr]
+        d = dict(cell)
+        test = _mean_std([f.get("test_acc") for f in finals])
+        val = _mean_std([f.get("val_acc") for f in finals])
+        loss = _mean_std([f.get("train_loss") for f in finals])
+        tm = _mean_std([r.result.train_time_s for r in members])  # type: ignore[union-attr]
+        sharp = []
+        for k in sharp_keys:
+            name = k.split(".", 1)[1]
+            sharp.append(_mean_std([(r.result.sharpness or {}).get(name)  # type: ignore[union-attr]
+                                    for r in members]))
+        shown = [_fmt_value(d[k]) if k in d
+                 else "1" if (k, d["optimizer"]) == ("micro_batches", "sam") else "–"
+                 for k in grid_keys]
+        cells_text = [str(d["optimizer"]), *shown,
+                      f"{len(members)}" + (f"/{len(cells[cell])}"
+                                           if len(members) != len(cells[cell]) else ""),
+                      _pm(*test, scale=100), _pm(*val, scale=100), _pm(*loss, digits=4),
+                      "-" if tm[0] is None else f"{tm[0]:.1f}",
+                      *[_pm(*s, digits=4) for s in sharp]]
+        lines.append("| " + " | ".join(cells_text) + " |")
+        cell_stats.append({"cell": cell, "test": test, "runs": members})
+    table = "\n".join(lines)
+
+    plots: list[Path] = []
+    if study.plots:
+        try:
+            plots = _plots(root, cell_stats, grid_keys)
+        except ImportError as err:
+            plots = []
+            print(f"plots skipped: {err}")
+    seeds = sorted({r.seed for r in runs})
+    md = [
+        f"# Study `{study.name}`",
+        "",
+        f"{study.train.dataset}, model `{study.train.model}`, {study.train.epochs} epochs, "
+        f"batch {study.train.batch_size}, base `{study.train.base}` lr {study.train.lr:g} "
+        f"({study.train.schedule}), rho {study.train.rho:g} unless swept; seeds {seeds}. "
+        "Final-epoch accuracies, mean ± sample std over seeds (no ± with one seed). "
+        "SAM is m = 1; `–`: the method ignores that key.",
+        "",
+        table,
+        "",
+        "## Runs",
+        "",
+        "| run | seed | status | test acc (%) | val acc (%) | train loss | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        t = "-" if row["time_s"] is None else f"{row['time_s']:.1f}"
+        md.append(
+            f"| {row['run']} | {row['seed']} | {row['status']} | "
+            f"{_pm(row['test_acc'], None, 100)} | {_pm(row['val_acc'], None, 100)} | "
+            f"{_pm(row['train_loss'], None, digits=4)} | {t} |"
+        )
+    if plots:
+        md += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    summary_path = root / "summary.md"
+    atomic_write_text(summary_path, "\n".join(md) + "\n")
+    return {"table": table, "summary_path": summary_path, "plots": plots, "rows": rows}
+
+
+# -- plots -------------------------------------------------------------------------------------
+
+def _figure(width: float, height: float, ncols: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def _plots(root: Path, cell_stats: list[dict[str, Any]], grid_keys: list[str]) -> list[Path]:
+    out: list[Path] = []
+    # 1. final test accuracy against m: one line per (family, other keys)
+    lines: dict[tuple, list[tuple[int, float, float]]] = {}
+    flat: dict[tuple, tuple[float, float]] = {}
+    for cs in cell_stats:
+        d = dict(cs["cell"])
+        mean, std = cs["test"]
+        if mean is None:
+            continue
+        method = d["optimizer"]
+        others = tuple((k, d[k]) for k in grid_keys if k in d and k not in ("micro_batches",))
+        if method == "sgd":
+            flat[others] = (mean, std or 0.0)
+            continue
+        family = "asam" if method == "asam" else "msam"
+        m = 1 if method == "sam" else int(d.get("micro_batches", cs["runs"][0].config
+                                                .micro_batches if cs["runs"] else 1))
+        lines.setdefault((family, others), []).append((m, mean, std or 0.0))
+    if lines or flat:
+        fig, (ax,) = _figure(6.4, 4.2)
+        for (family, others), pts in sorted(lines.items(), key=lambda kv: str(kv[0])):
+            pts.sort()
+            label = ("SAM / mSAM" if family == "msam" else "ASAM") + _others_label(others)
+            ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts],
+                        yerr=[100 * p[2] for p in pts], marker="o", capsize=3, label=label)
+        for others, (mean, std) in sorted(flat.items(), key=lambda kv: str(kv[0])):
+            line = ax.axhline(100 * mean, linestyle="--", color="0.35",
+                              label="SGD" + _others_label(others))
+            if std:
+                ax.axhspan(100 * (mean - std), 100 * (mean + std), alpha=0.1,
+                           color=line.get_color())
+        ms = sorted({p[0] for pts in lines.values() for p in pts})
+        if ms:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ms)
+            ax.set_xticklabels([str(m) for m in ms])
+        ax.set_xlabel("micro-batches m (m = 1 is SAM)")
+        ax.set_ylabel("final test accuracy (%)")
+        ax.set_title("Test accuracy vs number of micro-batches")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = root / "test_acc_vs_m.png"
+        fig.savefig(path, dpi=120)
+        out.append(path)
+
+    # 2. training curves per cell (mean over seeds)
+    fig, (ax1, ax2) = _figure(11, 4.2, ncols=2)
+    drawn = False
+    for cs in cell_stats:
+        hists = [r.result.history for r in cs["runs"] if r.result is not None]
+        if not hists:
+            continue
+        n_ep = min(len(h) for h in hists)
+        epochs = list(range(1, n_ep + 1))
+        label = _cell_label(cs["cell"])
+
+        def mean_curve(key: str, hists=hists, n_ep=n_ep) -> list[float]:
+            vals = []
+            for e in range(n_ep):
+                xs = [h[e].get(key) for h in hists if h[e].get(key) is not None]
+                vals.append(sum(xs) / len(xs) if xs else math.nan)
+            return vals
+
+        acc_key = "val_acc" if any(h[0].get("val_acc") is not None for h in hists) \
+            else "test_acc"
+        (line,) = ax1.plot(epochs, [100 * v for v in mean_curve(acc_key)], marker=".",
+                           label=label)
+        ax2.plot(epochs, mean_curve("train_loss"), marker=".", label=label,
+                 color=line.get_color())
+        ax1.set_ylabel(f"{'validation' if acc_key == 'val_acc' else 'test'} accuracy (%)")
+        drawn = True
+    if drawn:
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in (ax1, ax2):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax1.set_xlabel("epoch")
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel("training loss")
+        ax1.set_title("Accuracy per epoch")
+        ax2.set_title("Training loss per epoch")
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+        ax2.legend(fontsize=7)
+        path = root / "curves.png"
+        fig.savefig(path, dpi=120)
+        out.append(path)
+    return out
+
+
+def _others_label(others: tuple) -> str:
+    if not others:
+        return ""
+    return " (" + ", ".join(f"{_ABBREV.get(k, k)}={_fmt_value(v)}" for k, v in others) + ")"
+
+
+def load_runs(study: StudyConfig) -> list[StudyRun]:
+    """The study's runs with the results of those that are finished (no training)."""
+    runs = expand_grid(study)
+    for run in runs:
+        if (Path(run.config.out_dir) / "done.json").exists():
+            run.result = RunResult.from_dir(run.config.out_dir)
+            run.status = "done"
+    return runs
+

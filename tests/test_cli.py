@@ -1,0 +1,148 @@
+"""The ``msam`` command line: sub-commands, exit codes, messages, plug-ins, the demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import msam.cli.main as cli
+from msam.cli.demo import DEMO_CONFIG
+from msam.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RUN = """
+dataset: digits
+train_subset: 100
+val_fraction: 0.2
+model: mlp
+model_options: {hidden: [16]}
+optimizer: msam
+micro_batches: 2
+epochs: 1
+max_steps_per_epoch: 2
+batch_size: 16
+lr: 0.05
+"""
+
+
+@pytest.fixture
+def run_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(RUN)
+    return path
+
+
+def test_train_resume_and_guard(run_yaml, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(run_yaml), "--out", str(out), "--no-progress", "-q"]) == 0
+    assert "done: 1 epochs" in capsys.readouterr().out
+    assert (out / "done.json").is_file() and (out / "last.pt").is_file()
+    assert main(["train", str(run_yaml), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err
+    # extend the finished run by one epoch
+    assert main(["train", str(run_yaml), "--out", str(out), "--resume", "--epochs", "2",
+                 "-q"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "lrate=0.1"], "--set lrate=0.1: unknown key 'lrate'"),
+    (["--set", "epochs=two"], "--set epochs=two: key 'epochs' must be int"),
+    (["--set", "model_options.depth=3"], "'model_options.depth'"),
+    (["--set", "lr"], "expected key=value"),
+    (["--epochs", "0"], "--epochs 0: key 'epochs' must be >= 1"),
+])
+def test_bad_overrides_exit_2(run_yaml, tmp_path, capsys, args, needle):
+    code = main(["train", str(run_yaml), "--out", str(tmp_path / "x"), *args])
+    assert code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_bad_files_exit_2(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: digits\nbatchsize: 3\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "'batchsize'" in err and "bad.yaml" in err and "batch_size" in err
+    study = tmp_path / "study.yaml"
+    study.write_text("grid: {seed: [0, 1]}\n")
+    assert main(["train", str(study)]) == 2
+    assert "msam study" in capsys.readouterr().err
+    assert main(["study", str(bad)]) == 2
+    assert main(["train"]) == 2  # argparse: missing CONFIG
+    assert main([]) == 2
+    assert main(["--version"]) == 0
+
+
+def test_missing_dataset_exits_2(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset: cifar10\ndata_dir: {tmp_path}\nmodel: mlp\n")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "cifar" in capsys.readouterr().err.lower()
+
+
+def test_study_command(tmp_path, run_yaml, capsys):
+    text = run_yaml.read_text() + "grid:\n  optimizer: [sgd, msam]\n"
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    assert main(["study", str(path), "--out", str(tmp_path / "st"), "--dry-run"]) == 0
+    assert "msam_s0: msam seed=0" in capsys.readouterr().out
+    assert main(["study", str(path), "--out", str(tmp_path / "st"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "| method | n | test acc (%)" in out and "summary:" in out
+    assert (tmp_path / "st" / "summary.md").is_file()
+
+
+def test_plugin_missing_module_exits_2(monkeypatch, capsys):
+    monkeypatch.setitem(cli.PLUGINS, "sharpness", ("msam._no_such_plugin_cli", "x"))
+    assert main(["sharpness", "--anything"]) == 2
+    err = capsys.readouterr().err
+    assert "msam sharpness" in err and "msam._no_such_plugin_cli" in err
+
+
+def test_plugin_dispatch(monkeypatch, capsys):
+    mod = types.ModuleType("msam_fake_bench_cli")
+    mod.add_arguments = lambda p: p.add_argument("--steps", type=int, required=True)
+    mod.run = lambda args: print(f"bench ran {args.steps}") or 0
+    monkeypatch.setitem(sys.modules, "msam_fake_bench_cli", mod)
+    monkeypatch.setitem(cli.PLUGINS, "bench", ("msam_fake_bench_cli", "benchmark"))
+    assert main(["bench", "--steps", "3"]) == 0
+    assert "bench ran 3" in capsys.readouterr().out
+    assert main(["bench"]) == 2  # the plug-in's own argument checking
+
+
+def test_builtin_demo_config_matches_the_file():
+    import yaml
+
+    assert yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()) == DEMO_CONFIG
+
+
+def test_demo_tiny_mode_with_digits_fallback(tmp_path, monkeypatch, capsys):
+    import msam.data
+
+    monkeypatch.setattr(msam.data, "find_fashion_mnist", lambda *a, **k: None)
+    code = main(["demo", "--out", str(tmp_path / "demo"), "-q", "--set", "epochs=1",
+                 "--set", "max_steps_per_epoch=2", "--set", "grid.micro_batches=[2]"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "falling back to the scikit-learn digits" in out
+    assert "demo: digits" in out and "| sgd |" in out and "| msam |" in out
+    assert (tmp_path / "demo" / "summary.md").is_file()
+    assert (tmp_path / "demo" / "test_acc_vs_m.png").is_file()
+
+
+def test_module_entry_point_subprocess(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "msam.cli.main", "train", str(tmp_path / "missing.yaml")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "missing.yaml" in proc.stderr and "not found" in proc.stderr

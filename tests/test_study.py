@@ -1,0 +1,160 @@
+"""Studies: grid runs, resumability, summary / CSV / plots, failures, sharpness columns."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+import msam.training.study as study_mod
+from msam.training import ConfigError, TrainConfig, load_study_config, train
+from msam.training.study import expand_grid, run_study
+
+STUDY = """
+name: tiny
+out_dir: {out}
+dataset: digits
+train_subset: 120
+val_fraction: 0.2
+model: mlp
+model_options: {{hidden: [16]}}
+epochs: 2
+max_steps_per_epoch: 2
+batch_size: 16
+lr: 0.05
+progress: false
+grid:
+  optimizer: [sgd, sam, msam]
+  rho: [0.05]
+  micro_batches: [1, 2]
+  seed: [0, 1]
+"""
+
+
+def _study(tmp_path: Path, overrides=(), text: str = STUDY):
+    path = tmp_path / "study.yaml"
+    path.write_text(text.format(out=tmp_path / "out"))
+    return load_study_config(path, list(overrides))
+
+
+def test_study_runs_summarises_and_resumes(tmp_path, monkeypatch, capsys):
+    study = _study(tmp_path)
+    root = run_study(study, quiet=True)
+    out = capsys.readouterr().out
+    names = ["sgd_s0", "sgd_s1", "sam_rho0.05_s0", "sam_rho0.05_s1", "msam_rho0.05_m2_s0",
+             "msam_rho0.05_m2_s1"]
+    for n in names:
+        assert (root / "runs" / n / "done.json").is_file(), n
+    # summary table: one line per cell, n = 2 seeds, mean ± std
+    assert "| method | rho | m | n | test acc (%)" in out
+    summary = (root / "summary.md").read_text()
+    assert "| sgd | – | – | 2 |" in summary and "±" in summary
+    assert "| sam | 0.05 | 1 | 2 |" in summary
+    assert "| msam | 0.05 | 2 | 2 |" in summary
+    with open(root / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == names
+    assert all(0 <= float(r["test_acc"]) <= 1 and r["status"] == "done" for r in rows)
+    for png in ("test_acc_vs_m.png", "curves.png"):
+        data = (root / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"plot: {root / png}" in out
+    assert (root / "study.yaml").is_file()
+
+    # Second invocation: nothing is trained again (train would raise), results are reused.
+    mtimes = {n: (root / "runs" / n / "done.json").stat().st_mtime_ns for n in names}
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(study_mod, "train", no_training)
+    run_study(study)
+    assert {n: (root / "runs" / n / "done.json").stat().st_mtime_ns for n in names} == mtimes
+    assert (root / "summary.md").read_text() == summary  # same results, same summary
+    assert "finished earlier; skipped" in capsys.readouterr().out
+
+
+def test_interrupted_run_is_resumed(tmp_path, monkeypatch):
+    study = _study(tmp_path, ["grid.optimizer=[msam]", "grid.micro_batches=[2]",
+                              "grid.seed=[0]"])
+    (run,) = expand_grid(study)
+    part = train(run.config, quiet=True, stop_after_epochs=1)  # "interrupted" after epoch 1
+    assert not part.completed
+    calls = []
+    real_train = study_mod.train
+
+    def spy(cfg, **kw):
+        calls.append(kw["resume"])
+        return real_train(cfg, **kw)
+
+    monkeypatch.setattr(study_mod, "train", spy)
+    run_study(study, quiet=True)
+    assert calls == [True]
+    done = json.loads((Path(run.config.out_dir) / "done.json").read_text())
+    assert done["final"]["epoch"] == 2
+    straight = train(run.config.replace(out_dir=str(tmp_path / "straight")), quiet=True)
+    assert done["final"]["test_loss"] == straight.final["test_loss"]
+
+
+def test_finished_run_with_other_config_is_an_error(tmp_path):
+    study = _study(tmp_path, ["grid.optimizer=[sgd]", "grid.seed=[0]"])
+    run_study(study, quiet=True)
+    changed = _study(tmp_path, ["grid.optimizer=[sgd]", "grid.seed=[0]", "lr=0.2"])
+    with pytest.raises(ConfigError, match="different config.*lr"):
+        run_study(changed, quiet=True)
+
+
+def test_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
+    study = _study(tmp_path, ["grid.optimizer=[sgd, sam]", "grid.seed=[0]"])
+    real_train = study_mod.train
+
+    def flaky(cfg: TrainConfig, **kw):
+        if cfg.optimizer == "sgd":
+            raise FloatingPointError("simulated divergence")
+        return real_train(cfg, **kw)
+
+    monkeypatch.setattr(study_mod, "train", flaky)
+    with pytest.raises(RuntimeError, match="1 run\\(s\\) failed: sgd_s0"):
+        run_study(study, quiet=True)
+    root = Path(study.train.out_dir)
+    assert "simulated divergence" in (root / "runs" / "sgd_s0" / "error.txt").read_text()
+    assert (root / "runs" / "sam_rho0.05_s0" / "done.json").is_file()
+    with open(root / "runs.csv") as f:
+        status = {r["run"]: r["status"] for r in csv.DictReader(f)}
+    assert status == {"sgd_s0": "failed", "sam_rho0.05_s0": "done"}
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_sharpness_columns_and_dry_run(tmp_path, capsys):
+    pytest.importorskip("msam.analysis")
+    study = _study(tmp_path, ["grid.optimizer=[sgd, msam]", "grid.micro_batches=[2]",
+                              "grid.seed=[0]", "sharpness.metrics=[loss, grad_norm]",
+                              "sharpness.examples=32", "plots=false"])
+    run_study(study, quiet=True, dry_run=True)
+    assert "msam_rho0.05_m2_s0" in capsys.readouterr().out
+    assert not Path(study.train.out_dir).exists()
+    root = run_study(study, quiet=True)
+    summary = (root / "summary.md").read_text()
+    assert "| grad_norm | loss |" in summary
+    with open(root / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(float(r["sharpness.grad_norm"]) >= 0 for r in rows)
+    assert not list(root.glob("*.png"))
+
+
+def test_adding_sharpness_to_a_finished_study_measures_without_retraining(tmp_path):
+    pytest.importorskip("msam.analysis")
+    base = ["grid.optimizer=[sgd]", "grid.seed=[0]", "plots=false"]
+    root = run_study(_study(tmp_path, base), quiet=True)
+    run_dir = root / "runs" / "sgd_s0"
+    before = (run_dir / "metrics.jsonl").read_text()
+    ckpt_mtime = (run_dir / "last.pt").stat().st_mtime_ns
+    run_study(_study(tmp_path, [*base, "sharpness.metrics=[loss]", "sharpness.examples=16"]),
+              quiet=True)
+    done = json.loads((run_dir / "done.json").read_text())
+    assert done["sharpness_metrics"] == ["loss"] and done["sharpness"]["loss"] > 0
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert (run_dir / "last.pt").stat().st_mtime_ns == ckpt_mtime  # no epoch was trained
+    assert "| loss |" in (root / "summary.md").read_text()
