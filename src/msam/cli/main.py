@@ -5,7 +5,7 @@
     msam train CONFIG [--set KEY=VALUE ...] [--resume] [--out DIR] [--epochs N] [--seed N]
     msam study CONFIG [--set KEY=VALUE ...] [--out DIR] [--dry-run]
     msam demo [--set KEY=VALUE ...] [--out DIR]
-    msam sharpness ...   (plug-in: msam.analysis.cli)
+    msam sharpness ...   (plug-in: msam.cli.sharpness)
     msam bench ...       (plug-in: msam.bench.cli)
 
 Exit codes: 0 success; 1 a run failed; 2 bad input (config file, key, value, argument, missing
@@ -29,7 +29,7 @@ from typing import Any
 __all__ = ["PLUGINS", "build_parser", "main"]
 
 PLUGINS: dict[str, tuple[str, str]] = {
-    "sharpness": ("msam.analysis.cli", "measure the sharpness of a trained model"),
+    "sharpness": ("msam.cli.sharpness", "measure the sharpness of a trained model"),
     "bench": ("msam.bench.cli", "benchmark mSAM strategies and methods"),
 }
 
