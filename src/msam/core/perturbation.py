@@ -78,6 +78,35 @@ def perturbation_norm(
     return stacked.pow(2).sum().sqrt()
 
 
+def _covers_its_storage(t: torch.Tensor) -> bool:
+    """``t`` reaches every element of its storage exactly once (dense and non-overlapping, e.g.
+    a contiguous or transposed tensor; not an expanded one, not a slice of a bigger buffer)."""
+    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return False
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _writable(g: torch.Tensor, seen: set[int]) -> bool:
+    """Whether ``perturbation(..., inplace=True)`` may overwrite ``g``: it owns its whole
+    storage (a gradient that autograd returned as a transposed view of a fresh buffer does; an
+    expanded tensor or a slice of a flat buffer does not), shares no storage with an earlier
+    gradient (autograd can hand one tensor to two inputs) and has no autograd history."""
+    if g.requires_grad or g.layout != torch.strided or g.numel() == 0:
+        return False
+    if not _covers_its_storage(g):
+        return False
+    ptr = g.untyped_storage().data_ptr()
+    if ptr in seen:
+        return False
+    seen.add(ptr)
+    return True
+
+
 @torch.no_grad()
 def perturbation(
     grads: Sequence[torch.Tensor | None],
@@ -85,6 +114,8 @@ def perturbation(
     rhos: Sequence[float],
     adaptive: bool = False,
     etas: Sequence[float] | None = None,
+    *,
+    inplace: bool = False,
 ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
     """Per-parameter perturbations ``e`` and the norm they were normalised by.
 
@@ -92,11 +123,14 @@ def perturbation(
     A parameter whose gradient is ``None`` gets ``None`` (it is not moved). Each ``e_i`` is
     ``g_i * s`` (ASAM: ``T_i * T_i * g_i * s``) with the scale ``s = rho_i / (norm + eps)``
     rounded to ``g_i``'s dtype; parameters sharing ``rho``, device and dtype are scaled by one
-    fused ``torch._foreach_mul`` call.
+    fused ``torch._foreach_mul`` call. ``inplace=True`` (for gradients the caller owns and
+    discards) writes ``e_i`` into ``grads[i]`` wherever that is safe, saving one
+    parameter-sized buffer; the values are the same either way.
     """
     norm = perturbation_norm(grads, params, adaptive, etas)
     out: list[torch.Tensor | None] = [None] * len(grads)
     scales: dict[tuple[float, torch.device, torch.dtype], torch.Tensor] = {}
+    seen: set[int] = set()
 
     def scale_for(i: int, g: torch.Tensor) -> torch.Tensor:
         key = (float(rhos[i]), g.device, g.dtype)
@@ -104,20 +138,35 @@ def perturbation(
             scales[key] = (rhos[i] / (norm + EPS)).to(device=g.device, dtype=g.dtype)
         return scales[key]
 
+    own = [g is not None and inplace and _writable(g, seen) for g in grads]
+    # Out-of-place results first: a gradient overwritten in place may be read by another entry.
+    order = [i for i in range(len(grads)) if not own[i]] + [i for i in range(len(grads)) if own[i]]
     if adaptive:
-        for i, g in enumerate(grads):
+        for i in order:
+            g = grads[i]
             if g is None:
                 continue
             eta = etas[i] if etas is not None else 0.01
             t = params[i].abs() + eta
-            out[i] = t * t * g * scale_for(i, g)
+            if own[i]:
+                out[i] = g.mul_(t * t).mul_(scale_for(i, g))
+            else:
+                out[i] = t * t * g * scale_for(i, g)
         return out, norm
-    groups: dict[tuple[float, torch.device, torch.dtype], list[int]] = {}
-    for i, g in enumerate(grads):
+    groups: dict[tuple[float, torch.device, torch.dtype, bool], list[int]] = {}
+    for i in order:
+        g = grads[i]
         if g is not None:
             scale_for(i, g)
-            groups.setdefault((float(rhos[i]), g.device, g.dtype), []).append(i)
-    for key, idx in groups.items():
-        for i, e in zip(idx, torch._foreach_mul([grads[i] for i in idx], scales[key])):
+            groups.setdefault((float(rhos[i]), g.device, g.dtype, own[i]), []).append(i)
+    for (rho, device, dtype, is_own), idx in groups.items():
+        tensors = [grads[i] for i in idx]
+        scale = scales[(rho, device, dtype)]
+        if is_own:
+            torch._foreach_mul_(tensors, scale)
+            results = tensors
+        else:
+            results = torch._foreach_mul(tensors, scale)
+        for i, e in zip(idx, results):
             out[i] = e
     return out, norm

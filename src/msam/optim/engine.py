@@ -198,16 +198,19 @@ class GradientEngine:
 def first_nonfinite(tensors: Sequence[torch.Tensor | None]) -> int | None:
     """Index of the first tensor that holds an inf or NaN (``None`` entries skipped), else None.
 
-    The all-finite case costs one fused max-abs (``torch._foreach_norm(..., inf)``, which is
-    inf / NaN exactly when an element is) and one host sync, instead of one per tensor.
+    The common all-finite case costs one sum per tensor and a single host sync: when every sum
+    is finite, so is every element (an inf / NaN element makes its sum inf or NaN), and on CPU a
+    sum is several times faster than ``isfinite().all()`` or an infinity norm. Only when some sum
+    is not finite (a real inf / NaN, or finite values whose sum overflowed) are the tensors
+    checked element by element, so the answer is exact.
     """
     present = [(i, t) for i, t in enumerate(tensors) if t is not None and t.numel() > 0]
     if not present:
         return None
     try:
-        maxes = torch._foreach_norm([t for _, t in present], float("inf"))
-        device = maxes[0].device
-        finite = torch.isfinite(torch.stack([m.to(device) for m in maxes]))
+        sums = [t.sum() for _, t in present]
+        device = sums[0].device
+        finite = torch.isfinite(torch.stack([s.to(device) for s in sums]))
         if bool(finite.all()):
             return None
     except (RuntimeError, TypeError, NotImplementedError):  # e.g. sparse gradients

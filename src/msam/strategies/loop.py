@@ -48,7 +48,9 @@ class LoopStrategy(Strategy):
                         grads = tuple(None if g is None else g / job.loss_scale for g in grads)
                     if job.ascent_grad_hook is not None:
                         grads = tuple(job.ascent_grad_hook(grads))
-                    e, norm = perturbation(grads, pert_params, rhos, job.adaptive, etas)
+                    # The ascent gradients are ours and discarded: e_j is written into them.
+                    e, norm = perturbation(grads, pert_params, rhos, job.adaptive, etas,
+                                           inplace=True)
                     del grads
                     if not bool(torch.isfinite(norm)):
                         raise NonFiniteLossError("ascent", j, "gradient")

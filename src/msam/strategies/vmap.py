@@ -54,6 +54,15 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape + (1,) * (like.dim() - 1))
 
 
+def _row_norms(s: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each ``s[j]`` as float64: computed in ``s``'s dtype when it is float32 / float64
+    (no float64 copy of the stacked gradients), in float64 otherwise (no half overflow)."""
+    flat = s.flatten(1)
+    if s.dtype in (torch.float32, torch.float64):
+        return torch.linalg.vector_norm(flat, dim=1).double()
+    return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
+
+
 class VmapStrategy(Strategy):
     name = "vmap"
 
@@ -133,7 +142,7 @@ class VmapStrategy(Strategy):
                     for i, gi in enumerate(g):
                         if pert[i]:
                             s = gi * (pvals[i].abs() + job.etas[i]) if job.adaptive else gi
-                            sq = sq + s.double().pow(2).flatten(1).sum(1)
+                            sq = sq + _row_norms(s).pow(2)
                     norm = sq.sqrt()
                     if not bool(torch.isfinite(norm).all()):
                         raise NonFiniteLossError("ascent", idx[0], "gradient")

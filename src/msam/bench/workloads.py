@@ -1,0 +1,224 @@
+"""What is benchmarked: a model, one fixed synthetic batch and its loss, and the methods.
+
+Every method of one model shares the same model object and the same batch (so all of them pay
+the same cache and memory-layout costs); each has its own optimizer (its own momentum buffers).
+The data are synthetic (``torch.randn`` images, random token ids): a step's cost does not
+depend on the values, and no data set has to be present.
+
+Input shapes: ``mlp`` and ``small_cnn`` get Fashion-MNIST shaped ``1x28x28`` images (what the
+demo trains), the ResNets / WRNs CIFAR shaped ``3x32x32``; ``minilm`` gets ``text_length``
+random WordPiece ids with a full attention mask and 2 classes (the Rotten Tomatoes task).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import msam
+from msam.core.batch import split_batch
+
+__all__ = [
+    "DEFAULT_INPUT_SHAPES",
+    "Method",
+    "Stepper",
+    "Workload",
+    "build_workload",
+    "make_methods",
+    "make_stepper",
+]
+
+DEFAULT_INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
+    "mlp": (1, 28, 28),
+    "small_cnn": (1, 28, 28),
+}
+CIFAR_SHAPE = (3, 32, 32)
+TEXT_VOCAB = (1000, 30000)  # token ids drawn from [1000, 30000): ordinary WordPiece ids
+
+
+@dataclass
+class Workload:
+    """One model with its batch and loss function."""
+
+    name: str
+    model: nn.Module
+    batch: Any                       # (inputs, labels); inputs a tensor or a dict of tensors
+    loss_fn: Callable[[Any], torch.Tensor]
+    batch_size: int
+    input_desc: str
+    n_params: int
+    param_bytes: int
+    has_batchnorm: bool
+
+
+def build_workload(
+    name: str,
+    batch_size: int = 128,
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    text_length: int = 32,
+    input_shape: Sequence[int] | None = None,
+) -> Workload:
+    """Build model ``name`` (from :func:`msam.models.build_model`) with a synthetic batch."""
+    from msam.models import build_model, is_text_model
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    if is_text_model(name):
+        num_classes = 2
+        model = build_model(name, num_classes=num_classes)
+        if name != "minilm":  # from-scratch text models need a vocabulary size
+            raise ValueError(f"bench: text model {name!r} is not supported (only minilm)")
+        ids = torch.randint(*TEXT_VOCAB, (batch_size, text_length), generator=gen)
+        inputs: Any = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        desc = f"{text_length} tokens"
+    else:
+        num_classes = 10
+        shape = tuple(input_shape or DEFAULT_INPUT_SHAPES.get(name, CIFAR_SHAPE))
+        model = build_model(name, num_classes=num_classes, input_shape=shape)
+        inputs = torch.randn((batch_size, *shape), generator=gen)
+        desc = "x".join(str(s) for s in shape)
+    labels = torch.randint(0, num_classes, (batch_size,), generator=gen)
+    model = model.to(device).train()
+    inputs = inputs.to(device) if isinstance(inputs, torch.Tensor) else {
+        k: v.to(device) for k, v in inputs.items()}
+    batch = (inputs, labels.to(device))
+
+    def loss_fn(b: Any) -> torch.Tensor:
+        x, y = b
+        return F.cross_entropy(model(x), y)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Workload(
+        name=name, model=model, batch=batch, loss_fn=loss_fn, batch_size=batch_size,
+        input_desc=desc, n_params=sum(p.numel() for p in params),
+        param_bytes=sum(p.numel() * p.element_size() for p in params),
+        has_batchnorm=any(isinstance(mod, nn.modules.batchnorm._BatchNorm)
+                          for mod in model.modules()),
+    )
+
+
+@dataclass(frozen=True)
+class Method:
+    """One benchmarked configuration.
+
+    ``kind``: ``"sgd"`` (plain base optimizer, one forward + backward), ``"sam"`` (``msam.SAM``,
+    the loop strategy with ``m = 1``), ``"msam"`` (``msam.MSAM`` with ``strategy`` and ``m``) or
+    ``"accum"`` (plain SGD with the batch cut into ``m`` micro-batches and their gradients
+    accumulated: the compute floor of smaller micro-batches, with no SAM work at all).
+    """
+
+    kind: str
+    m: int = 1
+    strategy: str | None = None
+
+    @property
+    def key(self) -> str:
+        if self.kind in ("sgd", "sam"):
+            return self.kind
+        if self.kind == "accum":
+            return f"accum-m{self.m}"
+        return f"msam-{self.strategy}-m{self.m}"
+
+    @property
+    def label(self) -> str:
+        if self.kind == "sgd":
+            return "SGD"
+        if self.kind == "sam":
+            return "SAM"
+        if self.kind == "accum":
+            return f"SGD, {self.m} micro-batches accumulated"
+        return f"mSAM {self.strategy} m={self.m}"
+
+
+def make_methods(
+    m_values: Sequence[int],
+    strategies: Sequence[str] = ("loop", "vmap"),
+    *,
+    accum: bool = True,
+) -> list[Method]:
+    """SGD, SAM, then mSAM for every strategy and ``m`` (``loop`` at ``m = 1`` *is* SAM, so it
+    is not repeated), then the accumulation floors for every ``m > 1``."""
+    out = [Method("sgd"), Method("sam", 1, "loop")]
+    for s in strategies:
+        for m in m_values:
+            if m == 1 and s == "loop":
+                continue
+            out.append(Method("msam", m, s))
+    if accum:
+        out.extend(Method("accum", m) for m in m_values if m > 1)
+    return out
+
+
+@dataclass
+class Stepper:
+    """A method bound to a workload: ``step()`` runs one full optimizer step."""
+
+    method: Method
+    optimizer: torch.optim.Optimizer
+    step: Callable[[], Any]
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Tensors this method keeps between steps (optimizer state, e.g. momentum)."""
+        opt = getattr(self.optimizer, "base_optimizer", self.optimizer)
+        return [v for st in opt.state.values() for v in st.values()
+                if isinstance(v, torch.Tensor)]
+
+
+def make_stepper(
+    wl: Workload,
+    method: Method,
+    *,
+    rho: float = 0.05,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+) -> Stepper:
+    """Bind ``method`` to ``wl`` with SGD (momentum 0.9, weight decay 5e-4) as base optimizer."""
+    params = [p for p in wl.model.parameters() if p.requires_grad]
+    sgd_kwargs = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+    batch, loss_fn = wl.batch, wl.loss_fn
+    if method.kind == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, **sgd_kwargs)
+
+        def step() -> Any:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(batch)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        return Stepper(method, opt, step)
+    if method.kind == "accum":
+        opt = torch.optim.SGD(params, **sgd_kwargs)
+        n = wl.batch_size
+
+        def step() -> Any:
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for mb, n_j in split_batch(batch, method.m):
+                loss = loss_fn(mb)
+                (loss * (n_j / n)).backward()
+                total = total + loss.detach() * (n_j / n)
+            opt.step()
+            return total
+
+        return Stepper(method, opt, step)
+    if method.kind == "sam":
+        sam = msam.SAM(params, torch.optim.SGD, rho=rho, strategy="loop", model=wl.model,
+                       **sgd_kwargs)
+        return Stepper(method, sam, lambda: sam.step(loss_fn, batch))
+    if method.kind == "msam":
+        if method.m > wl.batch_size:
+            raise ValueError(f"m={method.m} > batch size {wl.batch_size}")
+        opt_m = msam.MSAM(params, torch.optim.SGD, rho=rho, micro_batches=method.m,
+                          strategy=method.strategy or "loop", model=wl.model, **sgd_kwargs)
+        return Stepper(method, opt_m, lambda: opt_m.step(loss_fn, batch))
+    raise ValueError(f"unknown method kind {method.kind!r}")

@@ -1,0 +1,117 @@
+"""``msam bench`` smoke tests: it runs on a tiny setup in seconds and writes JSON, markdown and
+PNG. No timing is asserted (the machine is shared); memory numbers are deterministic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from msam.bench import cli
+from msam.bench.memory import measure_step_memory, tensor_bytes
+from msam.bench.runner import quantiles
+from msam.bench.workloads import build_workload, make_methods, make_stepper
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = cli.main(["--models", "mlp", "--m", "1,2", "--steps", "3", "--warmup", "1",
+                     "--batch-size", "8", "--threads", "1", "--out", str(out), "--quiet"])
+    return code, out
+
+
+def test_bench_writes_json_markdown_png(bench_out):
+    code, out = bench_out
+    assert code == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "bench.md").read_text()
+    assert "| method | m |" in md and "## mlp" in md and "Command: `msam bench" in md
+    assert data["meta"]["threads"] == 1 and data["meta"]["batch_size"] == 8
+    (model,) = data["models"]
+    keys = [r["key"] for r in model["results"]]
+    assert keys == ["sgd", "sam", "msam-loop-m2", "msam-vmap-m1", "msam-vmap-m2", "accum-m2"]
+    for r in model["results"]:
+        assert "error" not in r, r
+        assert r["time_s"]["n"] == 3 and len(r["times_s"]) == 3
+        assert r["time_s"]["p25"] <= r["time_s"]["median"] <= r["time_s"]["p75"]
+        assert r["memory"]["peak_bytes"] >= r["memory"]["state_bytes"] > 0
+    res = {r["key"]: r for r in model["results"]}
+    assert res["sgd"]["ratio_sgd"] == 1.0 and res["sam"]["ratio_sam"] == 1.0
+    assert res["msam-loop-m2"]["memory_within_bound"] is True
+    assert {t["target"] for t in data["targets"]} >= {"SAM / SGD step time"}
+
+
+def test_bad_arguments_exit_2(tmp_path, capsys):
+    assert cli.main(["--models", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert cli.main(["--models", "mlp", "--m", "64", "--batch-size", "8",
+                     "--out", str(tmp_path)]) == 2
+    assert cli.main(["--models", "mlp", "--strategies", "fast", "--out", str(tmp_path)]) == 2
+    assert not list(tmp_path.iterdir())
+
+
+def test_msam_command_plugin_and_module_entry_point():
+    from msam.cli.main import main
+
+    assert main(["bench", "--help"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "msam.bench", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "--strategies" in proc.stdout
+
+
+def test_methods_grid():
+    keys = [m.key for m in make_methods([1, 4], ["loop", "vmap"])]
+    assert keys == ["sgd", "sam", "msam-loop-m4", "msam-vmap-m1", "msam-vmap-m4", "accum-m4"]
+    assert [m.key for m in make_methods([2], ["loop"], accum=False)] == ["sgd", "sam",
+                                                                         "msam-loop-m2"]
+
+
+def test_quantiles():
+    q = quantiles([4.0, 1.0, 3.0, 2.0])
+    assert q["median"] == 2.5 and q["min"] == 1.0 and q["max"] == 4.0 and q["n"] == 4
+    assert q["p25"] == 1.75 and q["p75"] == 3.25
+    assert quantiles([]) == {"n": 0}
+
+
+def test_memory_probe_sees_a_temporary_and_counts_storages_once():
+    big = 1 << 20
+    model = torch.nn.Linear(2, 2)
+
+    def step():
+        t = torch.empty(big, dtype=torch.uint8)
+        t.fill_(1)
+        del t
+        return torch.empty(16, dtype=torch.uint8)
+
+    mem = measure_step_memory(step, model, list, None, torch.device("cpu"))
+    assert big <= mem["step_peak_bytes"] < big + 4096
+    assert mem["state_bytes"] == tensor_bytes(model.parameters()) == 6 * 4
+    x = torch.zeros(10)
+    assert tensor_bytes([x, x[2:], x.view(2, 5), None]) == 40
+
+
+def test_loop_memory_within_sam_plus_parameters_on_a_conv_net():
+    torch.set_num_threads(1)
+    wl = build_workload("small_cnn", 16, input_shape=(1, 12, 12))
+    peaks = {}
+    for meth in make_methods([1, 4], ["loop"], accum=False):
+        st = make_stepper(wl, meth)
+        peaks[meth.key] = measure_step_memory(st.step, wl.model, st.state_tensors, wl.batch,
+                                              torch.device("cpu"))["peak_bytes"]
+    assert peaks["msam-loop-m4"] <= peaks["sam"] + wl.param_bytes
+    assert peaks["sam"] > peaks["sgd"]
+
+
+def test_render_rewrites_reports_from_json(bench_out, tmp_path):
+    _, out = bench_out
+    assert cli.main(["--render", str(out / "bench.json"), "--out", str(tmp_path), "-q"]) == 0
+    assert (tmp_path / "bench.md").read_text() == (out / "bench.md").read_text()
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    bad = tmp_path / "x.json"
+    bad.write_text("[]")
+    assert cli.main(["--render", str(bad), "-q"]) == 2
