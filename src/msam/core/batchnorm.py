@@ -25,6 +25,12 @@ pass ``track_running_stats`` is switched off for the call. The original buffer t
 written during the step (autograd may have saved them), only once at the end, so a failed step
 leaves them exactly as they were. Other modules with running state (e.g. ``InstanceNorm`` with
 ``track_running_stats=True``) are not managed and update on every forward call.
+
+Limits of the hook mechanism: the hooks are process-wide while a step runs, so two optimizers
+must not step concurrently from different threads; a model compiled with ``torch.compile`` may
+not call module hooks (compile the inner blocks, not the BatchNorm layers, or use ``vmap``);
+activation checkpointing that re-runs a BatchNorm forward during backward records that batch
+twice.
 """
 
 from __future__ import annotations
