@@ -227,3 +227,48 @@ def test_minilm_options_and_seeded_head(minilm):
     assert count_parameters(model, trainable_only=True) == 384 * 3 + 3
     with pytest.raises(ValueError, match=r"unknown option\(s\) pooling.*dropout"):
         build_model("minilm", num_classes=2, pooling="cls")
+
+
+@needs_minilm
+def test_minilm_partial_finetuning_with_cache_matches_the_full_forward(minilm):
+    """train_layers=2 + cache_frozen: the same logits as the plain model (the frozen prefix is
+    only memoised, padded positions dropped), gradients only on the top layers and the head."""
+    full, tok = minilm
+    torch.manual_seed(0)
+    part = build_model("minilm", num_classes=3, train_layers=2, cache_frozen=True)
+    part.load_state_dict(full.state_dict())
+    texts = ["good", "a rather bad film with a long title", "ok then", "terrible, terrible"]
+    batch = tok(texts, max_length=12)
+    assert (batch["attention_mask"] == 0).any()  # padding is exercised
+    full.eval(), part.eval()
+    part.clear_cache()
+    with torch.no_grad():
+        ref = full(batch)
+        first = part(batch)  # fills the cache
+        assert len(part._cache) == 4
+        again = part({k: v[[2, 0]] for k, v in batch.items()})  # cache hits, other order
+    torch.testing.assert_close(first, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, ref[[2, 0]], rtol=1e-4, atol=1e-5)
+    assert len(part._cache) == 4
+    part.train()
+    assert not part.encoder.embeddings.training and not part.encoder.encoder.layer[3].training
+    assert part.encoder.encoder.layer[4].training
+    F.cross_entropy(part(batch), torch.tensor([0, 1, 2, 1])).backward()
+    trained = {n for n, p in part.named_parameters()
+               if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all(n.startswith(("head.", "encoder.encoder.layer.4.",
+                                         "encoder.encoder.layer.5.")) for n in trained)
+    assert any(n.startswith("encoder.encoder.layer.4.") for n in trained)
+    assert count_parameters(part, trainable_only=True) == (
+        count_parameters(part.encoder.encoder.layer[4]) * 2 + 384 * 3 + 3)
+    # Another model with the same frozen weights shares the cache; other weights do not.
+    twin = build_model("minilm", num_classes=3, train_layers=2, cache_frozen=True)
+    assert twin._cache is part._cache
+    with torch.no_grad():
+        twin.encoder.embeddings.word_embeddings.weight[0, 0] += 1.0
+    twin.load_state_dict(twin.state_dict())
+    assert twin._cache is not part._cache and len(twin._cache) == 0
+    with pytest.raises(ValueError, match="train_layers"):
+        build_model("minilm", num_classes=2, train_layers=7)
+    with pytest.raises(ValueError, match="cache_frozen"):
+        build_model("minilm", num_classes=2, cache_frozen=True)

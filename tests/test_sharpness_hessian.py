@@ -325,3 +325,43 @@ def test_hvp_uses_eval_mode_and_restores_training():
             r.add_(h * len(b[0]) / 16)
     for a, b in zip(out1, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+class _Attention(nn.Module):
+    """One self-attention layer + mean pooling + linear head; ``fused`` selects
+    ``F.scaled_dot_product_attention`` (whose fused CPU kernels have no double backward) or the
+    same formula written out, the independent reference."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.fused = fused
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, 2, 4).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        mask = torch.zeros(b, 1, 1, n)
+        mask[:, :, :, -1] = torch.finfo(x.dtype).min  # the last position is padding
+        if self.fused:
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            h = torch.softmax(q @ k.transpose(-1, -2) / 2.0 + mask, -1) @ v
+        return self.head(h.transpose(1, 2).reshape(b, n, 8).mean(1))
+
+
+def test_hvp_through_fused_attention_matches_the_written_out_formula():
+    torch.manual_seed(0)
+    fused, plain = _Attention(True), _Attention(False)
+    plain.load_state_dict(fused.state_dict())
+    batches = [(torch.randn(6, 5, 8), torch.randint(0, 3, (6,))) for _ in range(2)]
+
+    def loss_fn(model, batch):
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    v = [torch.randn_like(p) for p in fused.parameters()]
+    got = hvp(fused, loss_fn, batches, v)
+    ref = hvp(plain, loss_fn, batches, v)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    assert sum(float(r.abs().sum()) for r in ref) > 0

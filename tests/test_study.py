@@ -158,3 +158,70 @@ def test_adding_sharpness_to_a_finished_study_measures_without_retraining(tmp_pa
     assert (run_dir / "metrics.jsonl").read_text() == before
     assert (run_dir / "last.pt").stat().st_mtime_ns == ckpt_mtime  # no epoch was trained
     assert "| loss |" in (root / "summary.md").read_text()
+
+
+# Made-up results: rho = 0.1 wins on validation for SAM and m = 2, rho = 0.05 wins on *test*,
+# so a selection that peeked at the test set would pick the other value.
+_FAKE = {  # (method, rho, m) -> (val_acc by seed, test_acc by seed)
+    ("sgd", None, 1): ([0.70, 0.72], [0.69, 0.71]),
+    ("sam", 0.05, 1): ([0.74, 0.76], [0.80, 0.82]),
+    ("sam", 0.1, 1): ([0.78, 0.80], [0.75, 0.77]),
+    ("msam", 0.05, 2): ([0.79, 0.77], [0.90, 0.92]),
+    ("msam", 0.1, 2): ([0.81, 0.81], [0.85, 0.87]),
+}
+
+
+def _fake_train(cfg: TrainConfig, **kw):
+    from msam.training.trainer import RunResult
+
+    key = (cfg.optimizer, None if cfg.optimizer == "sgd" else cfg.rho,
+           cfg.micro_batches if cfg.optimizer == "msam" else 1)
+    val, test = _FAKE[key]
+    row = {"epoch": 1, "val_acc": val[cfg.seed], "test_acc": test[cfg.seed],
+           "train_loss": 0.1 * (cfg.seed + 1)}
+    return RunResult(run_dir=Path(cfg.out_dir), config=cfg, history=[row], completed=True,
+                     train_time_s=1.0, sharpness={"lambda_max": 10.0 + cfg.seed})
+
+
+def test_select_chooses_rho_on_validation_never_on_test(tmp_path, monkeypatch):
+    study = _study(tmp_path, ["grid.rho=[0.05, 0.1]", "grid.micro_batches=[2]",
+                              "select={by: val_acc, over: [rho]}"])
+    monkeypatch.setattr(study_mod, "train", _fake_train)
+    root = run_study(study, quiet=True, printer=lambda s: None)
+    chosen = {tuple(sel["group"]): sel for sel in study_mod.select_cells(
+        study, _finished(study))}
+    assert chosen[(("optimizer", "sam"),)]["chosen"] == {"rho": 0.1}
+    assert chosen[(("optimizer", "msam"), ("micro_batches", 2))]["chosen"] == {"rho": 0.1}
+    assert chosen[(("optimizer", "sgd"),)]["chosen"] == {}
+    summary = (root / "summary.md").read_text()
+    assert "## Selected: rho chosen per method on mean val_acc" in summary
+    # SAM at rho 0.1: test 76.00 ± 1.41, selection score 79.00, lambda_max 10.5 ± 0.707
+    assert "| SAM (m = 1) | 0.1 | 2 | 76.00 ± 1.41 | 79.00 ± 1.41 |" in summary
+    assert "| 10.500 ± 0.707 |" in summary
+    assert "| mSAM (m = 2) | 0.1 | 2 | 86.00 ± 1.41 | 81.00 ± 0.00 |" in summary
+    assert "| SGD | – | 2 | 70.00 ± 1.41 |" in summary
+    assert "0.05 → 75.00, 0.1 → 79.00" in summary  # the candidates, for the record
+    with open(root / "runs.csv") as f:
+        sel = {r["run"]: r["selected"] for r in csv.DictReader(f)}
+    assert sel["sam_rho0.1_s0"] == sel["msam_rho0.1_m2_s1"] == sel["sgd_s0"] == "True"
+    assert sel["sam_rho0.05_s0"] == sel["msam_rho0.05_m2_s0"] == "False"
+    assert (root / "selected.png").stat().st_size > 0
+
+
+def _finished(study):
+    runs = expand_grid(study)
+    for r in runs:
+        r.result = _fake_train(r.config)
+    return runs
+
+
+@pytest.mark.parametrize("select, match", [
+    ("{by: test_acc, over: [rho]}", "never test"),
+    ("{by: val_acc, over: [lr]}", "not a grid axis"),
+    ("{by: val_acc, over: [seed]}", "not a grid axis"),
+    ("{by: val_acc}", "must list grid keys"),
+    ("{by: val_acc, over: [rho], how: max}", "select.how"),
+])
+def test_select_errors_name_the_key(tmp_path, select, match):
+    with pytest.raises(ConfigError, match=match):
+        _study(tmp_path, [f"select={select}"])

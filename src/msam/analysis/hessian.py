@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._common import (
     LossFn,
@@ -70,7 +71,9 @@ def _hvp_many(
 ) -> list[list[Tensor]]:
     """``H v`` for several ``v`` with one forward/backward per batch (graph kept per batch)."""
     out = [[torch.zeros_like(p) for p in params] for _ in vectors]
-    with torch.enable_grad():
+    # The fused attention kernels (flash / memory-efficient) have no double backward; the math
+    # kernel computes the same attention from differentiable ops.
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         for batch, w in zip(batches, weights):
             loss = check_scalar(loss_fn(model, batch))
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)

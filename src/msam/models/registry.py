@@ -33,7 +33,8 @@ def _minilm(num_classes: int, **options: Any) -> nn.Module:
     return MiniLMClassifier(num_classes, **options)
 
 
-_MINILM_OPTIONS = {"dropout": None, "freeze_encoder": False, "path": None}
+_MINILM_OPTIONS = {"dropout": None, "freeze_encoder": False, "path": None,
+                   "train_layers": None, "cache_frozen": False}
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import math
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -52,7 +52,10 @@ SCHEDULES = ("cosine", "step", "constant")
 STRATEGIES = ("loop", "vmap", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 NONFINITE = ("raise", "skip")
-STUDY_KEYS = ("grid", "per_method", "name", "plots")
+STUDY_KEYS = ("grid", "per_method", "name", "plots", "select")
+#: Metrics a study may select on, and whether larger is better. Validation only: choosing a
+#: hyperparameter on the test set would make the reported test accuracy optimistic.
+SELECT_METRICS = {"val_acc": True, "val_loss": False}
 
 # Keys that may change between a checkpoint and the run that resumes it (they do not change
 # what is computed, or, for ``epochs``, extend / shorten the run on purpose).
@@ -180,6 +183,9 @@ class StudyConfig:
     per_method: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     name: str = "study"
     plots: bool = True
+    #: ``{"by": "val_acc", "over": ["rho"]}``: per method (and the other grid keys), report
+    #: the value of the ``over`` keys whose cell has the best mean ``by`` over seeds.
+    select: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # training keys, for cells
     source: str = "config"
 
@@ -187,6 +193,8 @@ class StudyConfig:
         out = self.train.to_dict()
         out.update(grid=copy.deepcopy(self.grid), per_method=copy.deepcopy(self.per_method),
                    name=self.name, plots=self.plots)
+        if self.select is not None:
+            out["select"] = copy.deepcopy(self.select)
         return out
 
 
@@ -590,6 +598,7 @@ def study_from_dict(
     per_method = raw.pop("per_method", None) or {}
     name = raw.pop("name", "study")
     plots = raw.pop("plots", True)
+    select = raw.pop("select", None)
     train = train_config_from_dict(raw, source, sources)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where('name')}: key 'name' must be a non-empty string")
@@ -647,8 +656,38 @@ def study_from_dict(
         if "optimizer" in pm[method]:
             raise ConfigError(f"{where(f'per_method.{method}.optimizer')}: key "
                               f"'per_method.{method}.optimizer' is not allowed")
+    if select is not None:
+        select = _check_select(select, grid_axes, pm, where)
     return StudyConfig(train=train, grid=grid_axes, per_method=pm, name=name, plots=plots,
-                       raw=dict(raw), source=source)
+                       select=select, raw=dict(raw), source=source)
+
+
+def _check_select(select: Any, grid: Mapping[str, list[Any]],
+                  per_method: Mapping[str, Mapping[str, list[Any]]],
+                  where: Callable[[str], str]) -> dict[str, Any]:
+    if not isinstance(select, Mapping):
+        raise ConfigError(f"{where('select')}: key 'select' must be a mapping "
+                          "{by: val_acc, over: [rho]}")
+    unknown = sorted(set(select) - {"by", "over"})
+    if unknown:
+        raise ConfigError(f"{where('select')}: unknown key 'select.{unknown[0]}'; "
+                          "valid keys: by, over")
+    by = select.get("by", "val_acc")
+    if by not in SELECT_METRICS:
+        raise ConfigError(f"{where('select.by')}: key 'select.by' is {by!r}; choose from "
+                          f"{', '.join(SELECT_METRICS)} (validation metrics only, never test)")
+    over = select.get("over")
+    if isinstance(over, str):
+        over = [over]
+    if not isinstance(over, (list, tuple)) or not over:
+        raise ConfigError(f"{where('select.over')}: key 'select.over' must list grid keys, "
+                          "e.g. [rho]")
+    axes = set(grid) | {k for m in per_method.values() for k in m}
+    for k in over:
+        if k not in axes or k in ("optimizer", "seed"):
+            raise ConfigError(f"{where('select.over')}: key 'select.over' names {k!r}, which "
+                              "is not a grid axis (other than optimizer and seed)")
+    return {"by": by, "over": [str(k) for k in over]}
 
 
 def load_study_config(

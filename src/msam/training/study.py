@@ -54,7 +54,7 @@ from .config import (
 )
 from .trainer import RunResult, is_finished, train
 
-__all__ = ["StudyRun", "expand_grid", "load_runs", "run_study", "summarize"]
+__all__ = ["StudyRun", "expand_grid", "load_runs", "run_study", "select_cells", "summarize"]
 
 # Keys a method does not use: they are dropped from its grid (and its run names).
 IGNORED_BY = {
@@ -182,13 +182,15 @@ def run_study(
     root = Path(study.train.out_dir)
     runs = expand_grid(study)
     if dry_run:
-        for r in runs:
+        for r in sorted(runs, key=lambda r: r.seed):
             printer(f"{r.name}: {r.cell_label} seed={r.seed} -> {r.config.out_dir}")
         return root
     root.mkdir(parents=True, exist_ok=True)
     _write_study_config(root, study)
     t_start = time.perf_counter()
-    for i, run in enumerate(runs, 1):
+    # Seeds outermost: an interrupted or still-running study has every cell at seed 0 first.
+    order = sorted(runs, key=lambda r: r.seed)
+    for i, run in enumerate(order, 1):
         run_dir = Path(run.config.out_dir)
         done = run_dir / "done.json"
         prefix = f"[{i}/{len(runs)} {run.name}] "
@@ -208,6 +210,8 @@ def run_study(
             started = (run_dir / "last.pt").exists() or done.exists()
             run.result = train(run.config, resume=started, quiet=quiet, log_prefix=prefix)
             run.status = "done"
+            if i < len(order):  # partial results stay readable while the study runs
+                _summarize_quietly(study, runs, root, printer)
         except (ConfigError, KeyboardInterrupt):
             raise
         except Exception as err:  # one failed run must not lose the others
@@ -229,6 +233,14 @@ def run_study(
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(r.name for r in failed)}")
     return root
+
+
+def _summarize_quietly(study: StudyConfig, runs: list[StudyRun], root: Path,
+                       printer: Callable[[str], None]) -> None:
+    try:
+        summarize(study, runs, root)
+    except Exception as err:  # an interim summary must never stop the study
+        printer(f"interim summary skipped: {type(err).__name__}: {err}")
 
 
 def _write_study_config(root: Path, study: StudyConfig) -> None:
@@ -300,9 +312,13 @@ def summarize(study: StudyConfig, runs: list[StudyRun], root: Path) -> dict[str,
         k for r in runs for k, _ in r.cell if k != "optimizer")]
     rows = [_run_row(r, grid_keys) for r in runs]
     sharp_keys = sorted({k for row in rows for k in row if k.startswith("sharpness.")})
+    selected = select_cells(study, runs)
+    chosen = {r.name for sel in selected for r in sel["runs"]}
+    for row in rows:
+        row["selected"] = "" if study.select is None else row["run"] in chosen
     columns = (["run", "method", *grid_keys, "seed", "status", "test_acc", "val_acc",
                 "train_loss", "train_acc", "test_loss", "epochs", "time_s", *sharp_keys,
-                "run_dir", "error"])
+                "selected", "run_dir", "error"])
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -349,6 +365,8 @@ def summarize(study: StudyConfig, runs: list[StudyRun], root: Path) -> dict[str,
     if study.plots:
         try:
             plots = _plots(root, cell_stats, grid_keys)
+            if selected:
+                plots.insert(0, _selected_plot(root, selected, sharp_keys, study.train.base))
         except ImportError as err:
             plots = []
             print(f"plots skipped: {err}")
@@ -362,6 +380,8 @@ def summarize(study: StudyConfig, runs: list[StudyRun], root: Path) -> dict[str,
         "Final-epoch accuracies, mean ± sample std over seeds (no ± with one seed). "
         "SAM is m = 1; `–`: the method ignores that key.",
         "",
+        *([*_selected_section(study, selected, sharp_keys), "## All cells", ""]
+          if study.select else []),
         table,
         "",
         "## Runs",
@@ -381,6 +401,146 @@ def summarize(study: StudyConfig, runs: list[StudyRun], root: Path) -> dict[str,
     summary_path = root / "summary.md"
     atomic_write_text(summary_path, "\n".join(md) + "\n")
     return {"table": table, "summary_path": summary_path, "plots": plots, "rows": rows}
+
+
+# -- selection on validation ------------------------------------------------------------------
+
+def select_cells(study: StudyConfig, runs: list[StudyRun]) -> list[dict[str, Any]]:
+    """Per group of cells that differ only in ``study.select["over"]`` (e.g. ``rho``), the cell
+    with the best mean validation metric over its finished seeds; ``[]`` without ``select``.
+
+    Each entry: ``{"cell", "group", "chosen", "runs", "score", "candidates"}`` where
+    ``candidates`` lists ``(chosen values, mean score, n runs)`` for every cell of the group.
+    Ties go to the first cell in the grid's order. Test metrics are never looked at.
+    """
+    if not study.select:
+        return []
+    from .config import SELECT_METRICS
+
+    by, over = study.select["by"], list(study.select["over"])
+    larger = SELECT_METRICS[by]
+    cells: dict[tuple, list[StudyRun]] = {}
+    for r in runs:
+        cells.setdefault(r.cell, []).append(r)
+    groups: dict[tuple, list[tuple]] = {}
+    for cell in sorted(cells, key=_sort_key):
+        group = tuple((k, v) for k, v in cell if k not in over)
+        groups.setdefault(group, []).append(cell)
+    out = []
+    for group, members in groups.items():
+        candidates = []
+        for cell in members:
+            done = [r for r in cells[cell] if r.result is not None and r.result.history]
+            score = _mean_std([r.result.final.get(by) for r in done])[0]  # type: ignore[union-attr]
+            candidates.append((cell, score, done))
+        scored = [c for c in candidates if c[1] is not None]
+        if not scored:
+            continue
+        best = scored[0]
+        for c in scored[1:]:
+            if (c[1] > best[1]) if larger else (c[1] < best[1]):
+                best = c
+        d = dict(best[0])
+        out.append({
+            "cell": best[0], "group": group, "chosen": {k: d[k] for k in over if k in d},
+            "runs": best[2], "score": best[1],
+            "candidates": [({k: dict(c)[k] for k in over if k in dict(c)}, sc, len(rs))
+                           for c, sc, rs in candidates],
+        })
+    return out
+
+
+_BASE_NAMES = {"sgd": "SGD", "adamw": "AdamW", "adam": "Adam"}
+
+
+def _group_label(group: tuple, base: str = "sgd") -> str:
+    d = dict(group)
+    method = str(d.get("optimizer", ""))
+    if method == "sam":
+        return "SAM (m = 1)"
+    if method == "sgd":  # the base optimizer alone
+        return _BASE_NAMES.get(base, base)
+    rest = [f"{_ABBREV.get(k, k)} = {_fmt_value(v)}" for k, v in group if k != "optimizer"]
+    return f"{'mSAM' if method == 'msam' else method.upper()}" + (
+        f" ({', '.join(rest)})" if rest else "")
+
+
+def _selected_section(study: StudyConfig, selected: list[dict[str, Any]],
+                      sharp_keys: Sequence[str]) -> list[str]:
+    assert study.select is not None
+    by, over = study.select["by"], study.select["over"]
+    names = [k.split(".", 1)[1] for k in sharp_keys]
+    header = ["method", *[f"chosen {_ABBREV.get(k, k)}" for k in over], "n", "test acc (%)",
+              f"{by} (selection)", "train loss", *names]
+    lines = [f"## Selected: {', '.join(over)} chosen per method on mean {by}", "",
+             f"For each method, the {', '.join(over)} value with the best mean {by} over seeds "
+             "(validation split carved from the training set; the test set is never used to "
+             "choose). Mean ± sample std over seeds.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for sel in selected:
+        finals = [r.result.final for r in sel["runs"]]
+        sharp = [_mean_std([(r.result.sharpness or {}).get(n) for r in sel["runs"]])
+                 for n in names]
+        score = _mean_std([f.get(by) for f in finals])
+        lines.append("| " + " | ".join([
+            _group_label(sel["group"], study.train.base),
+            *[_fmt_value(sel["chosen"][k]) if k in sel["chosen"] else "–" for k in over],
+            str(len(sel["runs"])),
+            _pm(*_mean_std([f.get("test_acc") for f in finals]), scale=100),
+            _pm(*score, scale=100) if by.endswith("acc") else _pm(*score, digits=4),
+            _pm(*_mean_std([f.get("train_loss") for f in finals]), digits=4),
+            *[_pm(*st, digits=3) for st in sharp]]) + " |")
+    lines += ["", "Candidates (mean " + by + "): " + "; ".join(
+        f"{_group_label(sel['group'], study.train.base)}: " + ", ".join(
+            f"{'/'.join(_fmt_value(v) for v in ch.values())} → "
+            + ("-" if sc is None else f"{100 * sc:.2f}" if by.endswith("acc") else f"{sc:.4f}")
+            for ch, sc, _n in sel["candidates"])
+        for sel in selected if len(sel["candidates"]) > 1), ""]
+    return lines
+
+
+def _selected_plot(root: Path, selected: list[dict[str, Any]],
+                   sharp_keys: Sequence[str], base: str = "sgd") -> Path:
+    """Test accuracy and each sharpness metric of the selected cells: mean ± std and seeds."""
+    names = ["test_acc", *[k.split(".", 1)[1] for k in sharp_keys
+                           if not k.endswith(("_se", "_error"))]]
+    fig, axes = _figure(3.6 * len(names), 3.8, ncols=len(names))
+    labels = []
+    for sel in selected:
+        label = _group_label(sel["group"], base).replace(" (", "\n(")
+        chosen = ", ".join(f"{_ABBREV.get(k, k)} {_fmt_value(v)}" for k, v in sel["chosen"].items())
+        labels.append(label + (f"\n{chosen}" if chosen else ""))
+    for ax, name in zip(axes, names):
+        for i, sel in enumerate(selected):
+            if name == "test_acc":
+                vals = [100 * r.result.final.get("test_acc") for r in sel["runs"]
+                        if r.result.final.get("test_acc") is not None]
+            else:
+                vals = [(r.result.sharpness or {}).get(name) for r in sel["runs"]]
+                vals = [v for v in vals if v is not None]
+            if not vals:
+                continue
+            mean, std = _mean_std(vals)
+            ax.bar(i, mean, yerr=std or 0.0, capsize=4, color=f"C{i}", alpha=0.55)
+            ax.plot([i] * len(vals), vals, "k.", markersize=5)
+        ax.set_xticks(range(len(selected)))
+        ax.set_xticklabels(labels, fontsize=7)
+        title = {"test_acc": "test accuracy (%)", "lambda_max": "Hessian lambda_max",
+                 "trace": "Hessian trace"}.get(name, name)
+        ax.set_title(title)
+        if name == "test_acc":
+            lo = min(min(100 * r.result.final.get("test_acc", 1) for r in sel["runs"])
+                     for sel in selected)
+            hi = max(max(100 * r.result.final.get("test_acc", 0) for r in sel["runs"])
+                     for sel in selected)
+            pad = max(0.5, 0.25 * (hi - lo))
+            ax.set_ylim(lo - pad, hi + pad)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("Selected configurations (bars: mean ± std over seeds; dots: seeds)",
+                 fontsize=9)
+    path = root / "selected.png"
+    fig.savefig(path, dpi=120)
+    return path
 
 
 # -- plots -------------------------------------------------------------------------------------
