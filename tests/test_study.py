@@ -187,7 +187,8 @@ def test_select_chooses_rho_on_validation_never_on_test(tmp_path, monkeypatch):
     study = _study(tmp_path, ["grid.rho=[0.05, 0.1]", "grid.micro_batches=[2]",
                               "select={by: val_acc, over: [rho]}"])
     monkeypatch.setattr(study_mod, "train", _fake_train)
-    root = run_study(study, quiet=True, printer=lambda s: None)
+    root = run_study(study, quiet=True, printer=lambda s: None,
+                     command="msam study configs/x.yaml")
     chosen = {tuple(sel["group"]): sel for sel in study_mod.select_cells(
         study, _finished(study))}
     assert chosen[(("optimizer", "sam"),)]["chosen"] == {"rho": 0.1}
@@ -201,6 +202,8 @@ def test_select_chooses_rho_on_validation_never_on_test(tmp_path, monkeypatch):
     assert "| mSAM (m = 2) | 0.1 | 2 | 86.00 ± 1.41 | 81.00 ± 0.00 |" in summary
     assert "| SGD | – | 2 | 70.00 ± 1.41 |" in summary
     assert "0.05 → 75.00, 0.1 → 79.00" in summary  # the candidates, for the record
+    assert "## Reproduce" in summary and "msam study configs/x.yaml" in summary
+    assert "summed over the 10 finished runs: 0.2 min" in summary  # 10 runs x 1.0 s
     with open(root / "runs.csv") as f:
         sel = {r["run"]: r["selected"] for r in csv.DictReader(f)}
     assert sel["sam_rho0.1_s0"] == sel["msam_rho0.1_m2_s1"] == sel["sgd_s0"] == "True"

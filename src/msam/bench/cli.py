@@ -135,14 +135,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from msam.training.study import cpu_name
+
+    return cpu_name()
 
 
 def _loadavg() -> list[float] | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -155,7 +156,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from msam.training.study import run_study
 
     study = load_study_config(args.config, [*args.overrides, *_direct_overrides(args)])
-    run_study(study, quiet=args.quiet, dry_run=args.dry_run)
+    run_study(study, quiet=args.quiet, dry_run=args.dry_run,
+              command=" ".join(["msam", *map(shlex.quote, sys.argv[1:])]))
     return EXIT_OK
 
 

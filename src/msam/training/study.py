@@ -33,6 +33,8 @@ import io
 import itertools
 import json
 import math
+import os
+import platform
 import re
 import time
 import traceback
@@ -177,8 +179,13 @@ def run_study(
     quiet: bool = False,
     dry_run: bool = False,
     printer: Callable[[str], None] = print,
+    command: str | None = None,
 ) -> Path:
-    """Run (or resume) every run of ``study`` and write the summary; returns the study dir."""
+    """Run (or resume) every run of ``study`` and write the summary; returns the study dir.
+
+    ``command``: the command line that runs this study, recorded in ``command.txt`` and in the
+    summary's "Reproduce" section.
+    """
     root = Path(study.train.out_dir)
     runs = expand_grid(study)
     if dry_run:
@@ -187,6 +194,8 @@ def run_study(
         return root
     root.mkdir(parents=True, exist_ok=True)
     _write_study_config(root, study)
+    if command:
+        atomic_write_text(root / "command.txt", command + "\n")
     t_start = time.perf_counter()
     # Seeds outermost: an interrupted or still-running study has every cell at seed 0 first.
     order = sorted(runs, key=lambda r: r.seed)
@@ -398,9 +407,42 @@ def summarize(study: StudyConfig, runs: list[StudyRun], root: Path) -> dict[str,
         )
     if plots:
         md += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    md += ["", *_reproduce_section(root, runs)]
     summary_path = root / "summary.md"
     atomic_write_text(summary_path, "\n".join(md) + "\n")
     return {"table": table, "summary_path": summary_path, "plots": plots, "rows": rows}
+
+
+def cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo on Linux), for reports."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _reproduce_section(root: Path, runs: list[StudyRun]) -> list[str]:
+    done = [r for r in runs if r.result is not None]
+    infos = [r.result.info for r in done if r.result.info]  # type: ignore[union-attr]
+    threads = sorted({str(i.get("threads")) for i in infos if i.get("threads") is not None})
+    devices = sorted({str(i.get("device")) for i in infos if i.get("device")})
+    versions = sorted({str(i.get("torch")) for i in infos if i.get("torch")})
+    total = sum(r.result.train_time_s for r in done)  # type: ignore[union-attr]
+    cmd_file = root / "command.txt"
+    command = cmd_file.read_text().strip() if cmd_file.is_file() else "msam study <config>"
+    return [
+        "## Reproduce", "",
+        "```bash", command, "```", "",
+        f"Machine: {cpu_name()}, {os.cpu_count()} logical cores; device "
+        f"{', '.join(devices) or '-'}; torch {', '.join(versions) or '-'}; "
+        f"{'/'.join(threads) or 'default'} thread(s) per run. Training time, summed over the "
+        f"{len(done)} finished runs: {total / 60:.1f} min (sharpness measurement not included)."
+        " The resolved config is `study.yaml`; every run's own config is in its `done.json`.",
+    ]
 
 
 # -- selection on validation ------------------------------------------------------------------
