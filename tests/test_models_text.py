@@ -247,8 +247,10 @@ def test_minilm_partial_finetuning_with_cache_matches_the_full_forward(minilm):
         first = part(batch)  # fills the cache
         assert len(part._cache) == 4
         again = part({k: v[[2, 0]] for k, v in batch.items()})  # cache hits, other order
+        short = part({k: v[[0, 2]] for k, v in batch.items()})  # narrower batch: trimmed
     torch.testing.assert_close(first, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(again, ref[[2, 0]], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(short, ref[[0, 2]], rtol=1e-4, atol=1e-5)
     assert len(part._cache) == 4
     part.train()
     assert not part.encoder.embeddings.training and not part.encoder.encoder.layer[3].training

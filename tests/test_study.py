@@ -75,6 +75,17 @@ def test_study_runs_summarises_and_resumes(tmp_path, monkeypatch, capsys):
     assert (root / "summary.md").read_text() == summary  # same results, same summary
     assert "finished earlier; skipped" in capsys.readouterr().out
 
+    # Export: the reviewable files, no checkpoints.
+    dest = study_mod.export_study(root, tmp_path / "results" / "tiny")
+    assert (dest / "summary.md").read_text() == summary
+    assert {p.name for p in dest.glob("*.png")} == {"test_acc_vs_m.png", "curves.png"}
+    assert (dest / "runs.csv").is_file() and (dest / "study.yaml").is_file()
+    assert (dest / "runs" / "sgd_s0" / "metrics.csv").is_file()
+    assert (dest / "runs" / "sgd_s0" / "done.json").is_file()
+    assert not list(dest.rglob("*.pt"))
+    with pytest.raises(FileNotFoundError, match="no summary.md"):
+        study_mod.export_study(tmp_path / "nothing", tmp_path / "x")
+
 
 def test_interrupted_run_is_resumed(tmp_path, monkeypatch):
     study = _study(tmp_path, ["grid.optimizer=[msam]", "grid.micro_batches=[2]",

@@ -83,6 +83,9 @@ def build_parser(plugin_name: str | None = None, plugin: ModuleType | None = Non
     p.add_argument("config", help="study config (.yaml, .toml or .json) with a grid")
     _add_overrides(p)
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="afterwards, copy the summary, CSV, plots, configs and each run's "
+                        "metrics (no checkpoints) into DIR, e.g. results/<study>")
     p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("demo", help="quick SGD vs SAM vs mSAM study (configs/demo.yaml)",
@@ -156,8 +159,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from msam.training.study import run_study
 
     study = load_study_config(args.config, [*args.overrides, *_direct_overrides(args)])
-    run_study(study, quiet=args.quiet, dry_run=args.dry_run,
-              command=" ".join(["msam", *map(shlex.quote, sys.argv[1:])]))
+    root = run_study(study, quiet=args.quiet, dry_run=args.dry_run,
+                     command=" ".join(["msam", *map(shlex.quote, sys.argv[1:])]))
+    if args.export and not args.dry_run:
+        from msam.training.study import export_study
+
+        print(f"exported to {export_study(root, args.export)}")
     return EXIT_OK
 
 

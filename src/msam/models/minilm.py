@@ -198,6 +198,12 @@ class MiniLMClassifier(nn.Module):
         if self.frozen_layers == 0:
             hidden = self.encoder(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
             return mean_pool(hidden, mask)
+        # Columns that are padding in every row carry nothing: drop them (exact; a batch of
+        # short reviews then costs its own length, not max_length).
+        width = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else 1
+        if width < ids.shape[1]:
+            ids, mask = ids[:, :width], mask[:, :width]
+            extra = {k: v[:, :width] for k, v in extra.items()}
         hidden = self._frozen_hidden(ids, mask, extra)
         # Additive mask (B, 1, 1, L): padded keys get the dtype's lowest value, as BERT does.
         additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
@@ -247,8 +253,10 @@ class MiniLMClassifier(nn.Module):
     @staticmethod
     def _key(ids: torch.Tensor, mask: torch.Tensor, extra: dict[str, torch.Tensor],
              i: int) -> bytes:
-        parts = [ids.cpu().numpy().tobytes(), mask.cpu().numpy().tobytes()]
-        parts += [v[i].cpu().numpy().tobytes() for v in extra.values()]
+        # Up to the row's last real token, so the key does not depend on the batch's width.
+        n = int(mask.nonzero().max()) + 1 if bool(mask.any()) else 0
+        parts = [ids[:n].cpu().numpy().tobytes(), mask[:n].cpu().numpy().tobytes()]
+        parts += [v[i, :n].cpu().numpy().tobytes() for v in extra.values()]
         return b"|".join(parts)
 
     def _run_frozen(self, ids: torch.Tensor, mask: torch.Tensor,

@@ -56,7 +56,8 @@ from .config import (
 )
 from .trainer import RunResult, is_finished, train
 
-__all__ = ["StudyRun", "expand_grid", "load_runs", "run_study", "select_cells", "summarize"]
+__all__ = ["StudyRun", "export_study", "expand_grid", "load_runs", "run_study", "select_cells",
+           "summarize"]
 
 # Keys a method does not use: they are dropped from its grid (and its run names).
 IGNORED_BY = {
@@ -242,6 +243,33 @@ def run_study(
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(r.name for r in failed)}")
     return root
+
+
+#: What :func:`export_study` copies: study-level files, then per-run files (no checkpoints).
+EXPORT_FILES = ("summary.md", "runs.csv", "study.yaml", "command.txt", "*.png")
+EXPORT_RUN_FILES = ("config.yaml", "metrics.csv", "done.json", "sharpness.json", "error.txt")
+
+
+def export_study(root: str | Path, dest: str | Path) -> Path:
+    """Copy a study's results (summary, CSV, plots, resolved config, command, and every run's
+    config, metrics and sharpness, but no checkpoints) from ``root`` into ``dest``: a small,
+    reviewable folder such as ``results/<study>/``. Returns ``dest``."""
+    import shutil
+
+    root, dest = Path(root), Path(dest)
+    if not (root / "summary.md").is_file():
+        raise FileNotFoundError(f"{root} holds no summary.md; run the study first")
+    dest.mkdir(parents=True, exist_ok=True)
+    for pattern in EXPORT_FILES:
+        for path in sorted(root.glob(pattern)):
+            shutil.copy2(path, dest / path.name)
+    for run_dir in sorted(p for p in (root / "runs").glob("*") if p.is_dir()):
+        files = [run_dir / f for f in EXPORT_RUN_FILES if (run_dir / f).is_file()]
+        if files:
+            (dest / "runs" / run_dir.name).mkdir(parents=True, exist_ok=True)
+            for path in files:
+                shutil.copy2(path, dest / "runs" / run_dir.name / path.name)
+    return dest
 
 
 def _summarize_quietly(study: StudyConfig, runs: list[StudyRun], root: Path,
