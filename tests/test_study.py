@@ -196,7 +196,8 @@ def _fake_train(cfg: TrainConfig, **kw):
 
 def test_select_chooses_rho_on_validation_never_on_test(tmp_path, monkeypatch):
     study = _study(tmp_path, ["grid.rho=[0.05, 0.1]", "grid.micro_batches=[2]",
-                              "select={by: val_acc, over: [rho]}"])
+                              "select={by: val_acc, over: [rho]}",
+                              "description='Why **this** size.'"])
     monkeypatch.setattr(study_mod, "train", _fake_train)
     root = run_study(study, quiet=True, printer=lambda s: None,
                      command="msam study configs/x.yaml")
@@ -207,6 +208,7 @@ def test_select_chooses_rho_on_validation_never_on_test(tmp_path, monkeypatch):
     assert chosen[(("optimizer", "sgd"),)]["chosen"] == {}
     summary = (root / "summary.md").read_text()
     assert "## Selected: rho chosen per method on mean val_acc" in summary
+    assert "\nWhy **this** size.\n" in summary
     # SAM at rho 0.1: test 76.00 ± 1.41, selection score 79.00, lambda_max 10.5 ± 0.707
     assert "| SAM (m = 1) | 0.1 | 2 | 76.00 ± 1.41 | 79.00 ± 1.41 |" in summary
     assert "| 10.500 ± 0.707 |" in summary

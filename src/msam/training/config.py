@@ -52,7 +52,7 @@ SCHEDULES = ("cosine", "step", "constant")
 STRATEGIES = ("loop", "vmap", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 NONFINITE = ("raise", "skip")
-STUDY_KEYS = ("grid", "per_method", "name", "plots", "select")
+STUDY_KEYS = ("grid", "per_method", "name", "plots", "select", "description")
 #: Metrics a study may select on, and whether larger is better. Validation only: choosing a
 #: hyperparameter on the test set would make the reported test accuracy optimistic.
 SELECT_METRICS = {"val_acc": True, "val_loss": False}
@@ -186,6 +186,8 @@ class StudyConfig:
     #: ``{"by": "val_acc", "over": ["rho"]}``: per method (and the other grid keys), report
     #: the value of the ``over`` keys whose cell has the best mean ``by`` over seeds.
     select: dict[str, Any] | None = None
+    #: Markdown shown at the top of summary.md: what the study is and why it is sized so.
+    description: str = ""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # training keys, for cells
     source: str = "config"
 
@@ -195,6 +197,8 @@ class StudyConfig:
                    name=self.name, plots=self.plots)
         if self.select is not None:
             out["select"] = copy.deepcopy(self.select)
+        if self.description:
+            out["description"] = self.description
         return out
 
 
@@ -599,7 +603,10 @@ def study_from_dict(
     name = raw.pop("name", "study")
     plots = raw.pop("plots", True)
     select = raw.pop("select", None)
+    description = raw.pop("description", "") or ""
     train = train_config_from_dict(raw, source, sources)
+    if not isinstance(description, str):
+        raise ConfigError(f"{where('description')}: key 'description' must be a string")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where('name')}: key 'name' must be a non-empty string")
     if not isinstance(plots, bool):
@@ -659,7 +666,8 @@ def study_from_dict(
     if select is not None:
         select = _check_select(select, grid_axes, pm, where)
     return StudyConfig(train=train, grid=grid_axes, per_method=pm, name=name, plots=plots,
-                       select=select, raw=dict(raw), source=source)
+                       select=select, description=description.strip(), raw=dict(raw),
+                       source=source)
 
 
 def _check_select(select: Any, grid: Mapping[str, list[Any]],

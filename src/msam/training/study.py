@@ -417,6 +417,7 @@ def summarize(study: StudyConfig, runs: list[StudyRun], root: Path) -> dict[str,
         "Final-epoch accuracies, mean ± sample std over seeds (no ± with one seed). "
         "SAM is m = 1; `–`: the method ignores that key.",
         "",
+        *([study.description, ""] if study.description else []),
         *([*_selected_section(study, selected, sharp_keys), "## All cells", ""]
           if study.select else []),
         table,
