@@ -241,3 +241,16 @@ def _finished(study):
 def test_select_errors_name_the_key(tmp_path, select, match):
     with pytest.raises(ConfigError, match=match):
         _study(tmp_path, [f"select={select}"])
+
+
+def test_accuracy_curve_uses_validation_even_when_the_first_epoch_has_none():
+    hists = [[{"test_acc": 0.5}, {"val_acc": 0.6, "test_acc": 0.7}, {"test_acc": 0.8},
+              {"val_acc": 0.8, "test_acc": 0.9}],
+             [{"test_acc": 0.5}, {"val_acc": 0.7, "test_acc": 0.7}, {"test_acc": 0.8},
+              {"val_acc": 0.9, "test_acc": 0.9}]]
+    key, points = study_mod.accuracy_curve(hists)
+    assert key == "val_acc"
+    assert [e for e, _ in points] == [2, 4]
+    assert [round(v, 6) for _, v in points] == [65.0, 85.0]
+    key, points = study_mod.accuracy_curve([[{"test_acc": 0.5}, {"test_acc": 0.25}]])
+    assert key == "test_acc" and points == [(1, 50.0), (2, 25.0)]

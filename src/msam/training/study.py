@@ -690,9 +690,8 @@ def _plots(root: Path, cell_stats: list[dict[str, Any]], grid_keys: list[str]) -
                 vals.append(sum(xs) / len(xs) if xs else math.nan)
             return vals
 
-        acc_key = "val_acc" if any(h[0].get("val_acc") is not None for h in hists) \
-            else "test_acc"
-        (line,) = ax1.plot(epochs, [100 * v for v in mean_curve(acc_key)], marker=".",
+        acc_key, shown = accuracy_curve(hists)
+        (line,) = ax1.plot([e for e, _ in shown], [v for _, v in shown], marker=".",
                            label=label)
         ax2.plot(epochs, mean_curve("train_loss"), marker=".", label=label,
                  color=line.get_color())
@@ -715,6 +714,23 @@ def _plots(root: Path, cell_stats: list[dict[str, Any]], grid_keys: list[str]) -
         fig.savefig(path, dpi=120)
         out.append(path)
     return out
+
+
+def accuracy_curve(
+    hists: Sequence[Sequence[dict[str, Any]]],
+) -> tuple[str, list[tuple[int, float]]]:
+    """The accuracy curve of one cell, averaged over its seeds' histories: validation accuracy
+    if any epoch has it (with ``eval_every > 1`` some epochs have none, and are left out rather
+    than drawn as gaps), else test accuracy. Returns ``(key, [(epoch, percent), ...])``."""
+    key = "val_acc" if any(row.get("val_acc") is not None for h in hists for row in h) \
+        else "test_acc"
+    n_ep = min(len(h) for h in hists)
+    points = []
+    for e in range(n_ep):
+        xs = [h[e][key] for h in hists if h[e].get(key) is not None]
+        if xs:
+            points.append((e + 1, 100 * sum(xs) / len(xs)))
+    return key, points
 
 
 def _others_label(others: tuple) -> str:
