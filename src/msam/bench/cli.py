@@ -134,12 +134,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(into --out, default: the JSON's folder); runs nothing")
 
 
-def _cpu_name() -> str:
-    from msam.training.study import cpu_name
-
-    return cpu_name()
-
-
 def _loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -197,12 +191,13 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
             return err("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    from msam.training.study import cpu_name
 
     meta: dict[str, Any] = {
         "command": _command(argv),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "threads": threads,
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": threads,
         "torch": torch.__version__, "python": platform.python_version(),
         "platform": platform.platform(), "batch_size": args.batch_size, "rho": args.rho,
         "seed": args.seed, "loadavg_start": _loadavg(),

@@ -205,12 +205,19 @@ class MiniLMClassifier(nn.Module):
             ids, mask = ids[:, :width], mask[:, :width]
             extra = {k: v[:, :width] for k, v in extra.items()}
         hidden = self._frozen_hidden(ids, mask, extra)
-        # Additive mask (B, 1, 1, L): padded keys get the dtype's lowest value, as BERT does.
+        hidden = self._run_layers(hidden, mask, self.encoder.encoder.layer[self.frozen_layers:])
+        return mean_pool(hidden, mask)
+
+    @staticmethod
+    def _run_layers(hidden: torch.Tensor, mask: torch.Tensor, layers: Sequence[nn.Module],
+                    ) -> torch.Tensor:
+        """``hidden`` through BERT ``layers`` with ``mask`` as an additive key mask
+        (B, 1, 1, L): padded keys get the dtype's lowest value, as BERT does."""
         additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-        for layer in self.encoder.encoder.layer[self.frozen_layers:]:
+        for layer in layers:
             out = layer(hidden, additive)
             hidden = out[0] if isinstance(out, tuple) else out
-        return mean_pool(hidden, mask)
+        return hidden
 
     @property
     def _cache(self) -> dict[bytes, torch.Tensor]:
@@ -261,15 +268,13 @@ class MiniLMClassifier(nn.Module):
 
     def _run_frozen(self, ids: torch.Tensor, mask: torch.Tensor,
                     extra: dict[str, torch.Tensor]) -> torch.Tensor:
-        was_training = self.encoder.training
-        self.encoder.eval()
-        try:
-            with torch.no_grad():
-                states = self.encoder(input_ids=ids, attention_mask=mask,
-                                      output_hidden_states=True, **extra).hidden_states
-        finally:
-            self.encoder.train(was_training)
-        return states[self.frozen_layers]
+        # The frozen modules are kept in eval mode by train(), so no dropout here; only the
+        # frozen layers run (not the whole encoder).
+        with torch.no_grad():
+            hidden = self.encoder.embeddings(input_ids=ids,
+                                             token_type_ids=extra.get("token_type_ids"))
+            return self._run_layers(hidden, mask,
+                                    self.encoder.encoder.layer[: self.frozen_layers])
 
     def clear_cache(self) -> None:
         """Drop the memoised frozen features of this model's frozen weights."""

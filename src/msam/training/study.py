@@ -47,6 +47,7 @@ from .checkpoint import atomic_write_json, atomic_write_text
 from .config import (
     METHODS,
     RESUMABLE_CHANGES,
+    SELECT_METRICS,
     ConfigError,
     StudyConfig,
     TrainConfig,
@@ -486,8 +487,6 @@ def select_cells(study: StudyConfig, runs: list[StudyRun]) -> list[dict[str, Any
     """
     if not study.select:
         return []
-    from .config import SELECT_METRICS
-
     by, over = study.select["by"], list(study.select["over"])
     larger = SELECT_METRICS[by]
     cells: dict[tuple, list[StudyRun]] = {}
