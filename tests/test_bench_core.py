@@ -1,18 +1,16 @@
-"""The core speed-ups made for the benchmarks keep the math: fused norms, in-place perturbation
-(safe against aliased / expanded / sliced gradients), the one-sync non-finite check, and the
-``auto`` strategy's rules (no probe for m = 1 or loop-only hooks, interleaved probe, margin)."""
+"""The core speed-ups made for the benchmarks keep the math: fused norms, the one-sync
+non-finite flags, and the ``auto`` strategy's rules (no probe for m = 1 or without a model,
+interleaved probe, margin, choice kept per optimizer and saved)."""
 
 from __future__ import annotations
-
-import contextlib
 
 import pytest
 import torch
 
 import msam
+from msam.core.nonfinite import NonFiniteFlags
 from msam.core.perturbation import perturbation, perturbation_norm
-from msam.optim.engine import first_nonfinite
-from msam.strategies.auto import _CACHE, AutoStrategy
+from msam.strategies.auto import AutoStrategy
 
 
 def _reference_norm(grads):
@@ -35,46 +33,33 @@ def test_perturbation_norm_of_half_does_not_overflow():
     assert float(perturbation_norm([g], [g])) == pytest.approx(60000.0 * 8 ** 0.5)
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_inplace_perturbation_equals_out_of_place_even_with_aliasing(adaptive):
-    torch.manual_seed(1)
-    params = [torch.randn(5), torch.randn(5), torch.randn(2, 3), torch.randn(4), torch.randn(2)]
-    rhos = [0.1, 0.1, 0.1, 0.2, 0.1]
-    shared = torch.randn(5)
-    transposed = torch.randn(3, 2).t()      # like a Linear weight gradient from autograd.grad
-    expanded = torch.randn(1).expand(4)     # stride 0: must not be written
-    sliced = torch.randn(6)[:2]             # part of a bigger buffer: must not be written
-    grads = [shared, shared, transposed, expanded, sliced]
-    before = [g.clone() for g in grads]
-    ref, ref_norm = perturbation([g.clone() for g in grads], params, rhos, adaptive,
-                                 [0.01] * 5)
-    got, norm = perturbation(grads, params, rhos, adaptive, [0.01] * 5, inplace=True)
-    assert torch.equal(norm, ref_norm)
-    for r, g in zip(ref, got):
-        assert torch.equal(r, g)
-    assert got[2] is transposed                       # written in place
-    assert torch.equal(expanded, before[3]) and torch.equal(sliced, before[4])
-    assert (got[0] is shared) != (got[1] is shared)    # the shared tensor is written once
-
-
-def test_out_of_place_perturbation_leaves_gradients_alone():
+def test_perturbation_leaves_gradients_alone():
     g = torch.randn(4)
     keep = g.clone()
     e, _ = perturbation([g], [torch.zeros(4)], [0.05])
     assert e[0] is not g and torch.equal(g, keep)
 
 
-def test_first_nonfinite():
+def _first(tensors):
+    flags = NonFiniteFlags()
+    flags.check_grads(tensors)
+    return flags.first()
+
+
+def test_nonfinite_flags_exact_and_one_sync(monkeypatch):
     ok = [torch.ones(3), None, torch.zeros(0), torch.ones(2, dtype=torch.float16)]
-    assert first_nonfinite(ok) is None
-    assert first_nonfinite([]) is None
-    assert first_nonfinite([torch.ones(2), torch.tensor([1.0, float("nan")])]) == 1
-    assert first_nonfinite([torch.tensor([float("-inf")]), torch.tensor([float("nan")])]) == 0
-    big = torch.full((4,), 3e38)   # finite, but its sum overflows: the exact check decides
-    assert first_nonfinite([big]) is None
-    assert first_nonfinite([torch.full((4,), 60000.0, dtype=torch.float16)]) is None
-
-
+    assert _first(ok) is None
+    assert _first([]) is None
+    assert _first([torch.ones(2), torch.tensor([1.0, float("nan")])]) is not None
+    assert _first([torch.tensor([float("-inf")])]) is not None
+    big = torch.full((4,), 3e38)   # finite, but its sum and its squared norm overflow
+    assert _first([big]) is None
+    assert _first([torch.full((4,), 60000.0, dtype=torch.float16)]) is None
+    flags = NonFiniteFlags()
+    flags.check(torch.tensor(1.0), "ascent", 0, "loss")
+    flags.check(torch.tensor(float("nan")), "perturbed", 2, "loss")
+    flags.check(torch.tensor(float("inf")), "perturbed", 3, "loss")
+    assert flags.first() == ("perturbed", 2, "loss")   # the first failed check is named
 def _model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
@@ -93,28 +78,36 @@ def _step(strategy, m):
 
 def test_auto_skips_the_probe_for_one_micro_batch():
     strat = AutoStrategy()
-    n = len(_CACHE)
     _step(strat, 1)
     assert strat.choice == "loop" and strat.reason == "one micro-batch" and not strat.timings
-    assert len(_CACHE) == n
+    assert strat.choices == {}
 
 
-def test_auto_uses_loop_when_the_job_has_loop_only_hooks():
+def test_auto_uses_loop_without_a_model():
     strat = AutoStrategy()
     model = _model()
-    # A custom ascent context, like msam.distributed's DDP no_sync, which vmap would bypass.
-    engine = msam.GradientEngine(micro_batches=3, strategy=strat, model=model,
-                                 ascent_context=lambda: contextlib.nullcontext())
+    opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=0.1, micro_batches=3, lr=0.1,
+                    strategy=strat)
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
-    params = list(model.parameters())
-    engine.compute(lambda b: torch.nn.functional.cross_entropy(model(b[0]), b[1]), (x, y),
-                   params, rhos=[0.1] * len(params), etas=[0.01] * len(params),
-                   perturb=[True] * len(params))
-    assert strat.choice == "loop" and "hooks" in strat.reason
+    opt.step(lambda b: torch.nn.functional.cross_entropy(model(b[0]), b[1]), (x, y))
+    assert strat.choice == "loop" and strat.reason == "no model" and not strat.timings
+
+
+def test_auto_choice_is_per_optimizer_and_saved_in_state_dict():
+    strat = AutoStrategy(repeats=1, margin=0.0)
+    model = _step(strat, 4)
+    assert len(strat.choices) == 1
+    other = AutoStrategy()
+    assert other.choices == {}          # no process-wide cache: a new optimizer measures anew
+    opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=0.1, micro_batches=4, lr=0.1,
+                    strategy=strat, model=model)
+    opt2 = msam.MSAM(model.parameters(), torch.optim.SGD, rho=0.1, micro_batches=4, lr=0.1,
+                     strategy="loop", model=model)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.strategy == "auto" and opt2.engine.strategy.choices == strat.choices
 
 
 def test_auto_probe_times_both_and_matches_loop():
-    _CACHE.clear()
     strat = AutoStrategy(repeats=1, margin=0.0)
     a = _step("loop", 4)
     b = _step(strat, 4)
@@ -126,7 +119,6 @@ def test_auto_probe_times_both_and_matches_loop():
 
 
 def test_auto_margin_prefers_loop_on_a_tie():
-    _CACHE.clear()
     strat = AutoStrategy(repeats=1, margin=1e9)   # vmap would have to be 1e9 times faster
     _step(strat, 4)
     assert strat.choice == "loop"

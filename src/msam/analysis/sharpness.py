@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from msam.core.perturbation import ASAMRule, SAMRule
+
 from ._common import (
     LossFn,
     as_batch_list,
@@ -108,12 +110,15 @@ def _ascent_on_micro_batch(
     ascent_steps: int,
     step_size: float,
     scale: Sequence[Tensor] | None,
+    eta: float,
     gen: torch.Generator,
 ) -> tuple[float, float]:
     """Return ``(L_j(w), max found of L_j(w + e))`` for one micro-batch.
 
-    Works with ``u`` where ``e = T u`` (``T = 1`` unless adaptive) and ``||u||_2 <= rho``, so
-    the feasible set is a Euclidean ball and projection is a rescaling.
+    The first point is the optimizer's own perturbation ``e_0`` (the same rule object,
+    :mod:`msam.core.perturbation`). The ascent works with ``u`` where ``e = T u`` (``T = 1``
+    unless adaptive) and ``||u||_2 <= rho``, so the feasible set is a Euclidean ball and
+    projection is a rescaling.
     """
     set_params(params, base)
     loss0, grad = loss_and_grad(model, loss_fn, [batch], params)
@@ -126,14 +131,15 @@ def _ascent_on_micro_batch(
         val, g = loss_and_grad(model, loss_fn, [batch], params)
         return val, to_u_grad(g)
 
-    gu = to_u_grad(grad)
-    gnorm = norm(gu)
+    gnorm = norm(to_u_grad(grad))
     if gnorm == 0.0 or not math.isfinite(gnorm):  # stationary point: random start direction
         flat = gaussian(sum(p.numel() for p in params), gen, params[0])
-        gu = unflatten(flat, params)
-        gnorm = norm(gu)
-    # SAM's first step: e = rho * g / ||g||  (ASAM: e = rho T^2 g / ||T g||)
-    u = [rho * g / gnorm for g in gu]
+        z = unflatten(flat, params)
+        grad = z if scale is None else [zi / s for zi, s in zip(z, scale)]  # T g is Gaussian
+    rule = ASAMRule() if scale is not None else SAMRule()
+    e0, _ = rule(list(grad), list(base), [{"rho": rho, "eta": eta}] * len(params))
+    # SAM's first step e_0 = rho g / ||g|| (ASAM: rho T^2 g / ||T g||), as u = T^-1 e_0
+    u = list(e0) if scale is None else [e / s for e, s in zip(e0, scale)]
     best, gbest = evaluate(u)
     eta = step_size
     for _ in range(ascent_steps):
@@ -218,7 +224,8 @@ def m_sharpness(
                     worst = loss0
                 else:
                     loss0, worst = _ascent_on_micro_batch(
-                        model, loss_fn, micro, params, base, rho, ascent_steps, step, scale, gen
+                        model, loss_fn, micro, params, base, rho, ascent_steps, step, scale, eta,
+                        gen,
                     )
                 per.append(worst - loss0)
                 base_losses.append(loss0)

@@ -1,4 +1,9 @@
-"""The SAM / ASAM ascent step (the perturbation ``e``), as pure tensor math.
+"""Perturbation rules: from a micro-batch's gradient ``g_j`` to its perturbation ``e_j``.
+
+A rule has one job: given the gradient ``g_j = grad L_j(w)`` of the perturbed parameters, the
+weights ``w`` and each parameter's param group (its hyperparameters), return ``e_j``. Every
+execution strategy, the distributed optimizer, the two-step API and :mod:`msam.analysis`
+m-sharpness call the same rule object, so ``e_j`` is written once.
 
 SAM (Foret et al., ICLR 2021) approximates ``max_{||e||_2 <= rho} L(w + e)`` by one normalised
 gradient step::
@@ -11,28 +16,38 @@ elementwise operator ``T = |w| + eta``::
     e = rho * T^2 g / (||T g|| + eps)
 
 ``||.||`` is the global L2 norm over every perturbed parameter. ``eps = 1e-12`` keeps a zero
-gradient from dividing by zero (then ``e = 0``). In mSAM (Behdin et al. 2023) this is evaluated
-once per micro-batch ``j`` with that micro-batch's own gradient ``g_j``.
+gradient from dividing by zero (then ``e = 0``). In mSAM (Behdin et al. 2023) the rule is
+evaluated once per micro-batch ``j`` with that micro-batch's own gradient ``g_j``. ``rho`` (and
+``eta``) are per-param-group hyperparameters, read from each parameter's group.
 
 Weight decay never enters ``e``: it belongs to the base optimizer (decoupled), so ``g`` here is
 the gradient of the loss alone.
+
+A rule that keeps state across steps (a schedule, a reused direction) saves it in
+:meth:`PerturbationRule.state_dict`; the optimizer stores it with its own state.
+
+Example::
+
+    rule = msam.core.SAMRule()
+    e, norm = rule(grads, params, [{"rho": 0.05}] * len(params))
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["EPS", "perturbation", "perturbation_norm"]
+__all__ = [
+    "EPS", "RULES", "ASAMRule", "PerturbationRule", "SAMRule", "make_rule", "perturbation",
+    "perturbation_norm",
+]
 
 #: Added to the norm so that a zero gradient gives a zero perturbation instead of NaN.
 EPS = 1e-12
 
-
-def _scaled(g: torch.Tensor, w: torch.Tensor, adaptive: bool, eta: float) -> torch.Tensor:
-    return g * (w.abs() + eta) if adaptive else g
-
+Tensors = Sequence[torch.Tensor | None]
 
 _NATIVE_NORM_DTYPES = (torch.float32, torch.float64)
 
@@ -55,118 +70,139 @@ def _tensor_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def perturbation_norm(
-    grads: Sequence[torch.Tensor | None],
-    params: Sequence[torch.Tensor],
-    adaptive: bool = False,
-    etas: Sequence[float] | None = None,
-) -> torch.Tensor:
-    """``||g||`` (SAM) or ``||T g||`` (ASAM) over all parameters with a gradient, as a 0-d tensor.
-
-    Each parameter's norm is computed by a fused kernel in its own dtype (float16 / bfloat16 in
-    float64, so it does not overflow), and the per-parameter norms are combined in float64 on
-    the first gradient's device.
-    """
-    present = [(i, g) for i, g in enumerate(grads) if g is not None]
-    if not present:
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm over all ``tensors`` as a 0-d float64 tensor on the first tensor's device."""
+    if not tensors:
         return torch.zeros((), dtype=torch.float64)
-    device = present[0][1].device
-    scaled = [_scaled(g, params[i], adaptive, etas[i] if etas is not None else 0.01)
-              for i, g in present]
-    norms = _tensor_norms(scaled)
+    device = tensors[0].device
+    norms = _tensor_norms(list(tensors))
     stacked = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
     return stacked.pow(2).sum().sqrt()
 
 
-def _covers_its_storage(t: torch.Tensor) -> bool:
-    """``t`` reaches every element of its storage exactly once (dense and non-overlapping, e.g.
-    a contiguous or transposed tensor; not an expanded one, not a slice of a bigger buffer)."""
-    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        return False
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+def _scaled_by_norm(
+    directions: list[torch.Tensor], idx: list[int], groups: Sequence[Mapping[str, Any]],
+    norm: torch.Tensor,
+) -> list[torch.Tensor]:
+    """``direction_i * rho_i / (norm + eps)``, one fused multiply per (rho, device, dtype)."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(directions)
+    buckets: dict[tuple[float, torch.device, torch.dtype], list[int]] = {}
+    for k, i in enumerate(idx):
+        d = directions[k]
+        buckets.setdefault((float(groups[i]["rho"]), d.device, d.dtype), []).append(k)
+    for (rho, device, dtype), ks in buckets.items():
+        scale = (rho / (norm + EPS)).to(device=device, dtype=dtype)
+        for k, e in zip(ks, torch._foreach_mul([directions[k] for k in ks], scale)):
+            out[k] = e
+    return out
 
 
-def _writable(g: torch.Tensor, seen: set[int]) -> bool:
-    """Whether ``perturbation(..., inplace=True)`` may overwrite ``g``: it owns its whole
-    storage (a gradient that autograd returned as a transposed view of a fresh buffer does; an
-    expanded tensor or a slice of a flat buffer does not), shares no storage with an earlier
-    gradient (autograd can hand one tensor to two inputs) and has no autograd history."""
-    if g.requires_grad or g.layout != torch.strided or g.numel() == 0:
-        return False
-    if not _covers_its_storage(g):
-        return False
-    ptr = g.untyped_storage().data_ptr()
-    if ptr in seen:
-        return False
-    seen.add(ptr)
-    return True
+class PerturbationRule:
+    """Base class: ``rule(grads, params, groups) -> (e, norm)``.
 
-
-@torch.no_grad()
-def perturbation(
-    grads: Sequence[torch.Tensor | None],
-    params: Sequence[torch.Tensor],
-    rhos: Sequence[float],
-    adaptive: bool = False,
-    etas: Sequence[float] | None = None,
-    *,
-    inplace: bool = False,
-) -> tuple[list[torch.Tensor | None], torch.Tensor]:
-    """Per-parameter perturbations ``e`` and the norm they were normalised by.
-
-    ``rhos[i]`` (and ``etas[i]``) belong to parameter ``i`` (they come from its param group).
-    A parameter whose gradient is ``None`` gets ``None`` (it is not moved). Each ``e_i`` is
-    ``g_i * s`` (ASAM: ``T_i * T_i * g_i * s``) with the scale ``s = rho_i / (norm + eps)``
-    rounded to ``g_i``'s dtype; parameters sharing ``rho``, device and dtype are scaled by one
-    fused ``torch._foreach_mul`` call. ``inplace=True`` (for gradients the caller owns and
-    discards) writes ``e_i`` into ``grads[i]`` wherever that is safe, saving one
-    parameter-sized buffer; the values are the same either way.
+    ``grads[i]`` is ``g_j`` for parameter ``params[i]`` (``None``: the parameter has no
+    gradient and is not moved), ``groups[i]`` its param group (``rho``, ``eta``, ...). Returns
+    one ``e_i`` per parameter (``None`` where the gradient is ``None``) and the 0-d norm the
+    perturbation was normalised by (float64; non-finite when ``g_j`` is). Subclasses implement
+    :meth:`direction` and :meth:`norm` or override :meth:`__call__`.
     """
-    norm = perturbation_norm(grads, params, adaptive, etas)
-    out: list[torch.Tensor | None] = [None] * len(grads)
-    scales: dict[tuple[float, torch.device, torch.dtype], torch.Tensor] = {}
-    seen: set[int] = set()
 
-    def scale_for(i: int, g: torch.Tensor) -> torch.Tensor:
-        key = (float(rhos[i]), g.device, g.dtype)
-        if key not in scales:
-            scales[key] = (rhos[i] / (norm + EPS)).to(device=g.device, dtype=g.dtype)
-        return scales[key]
+    name = "base"
 
-    own = [g is not None and inplace and _writable(g, seen) for g in grads]
-    # Out-of-place results first: a gradient overwritten in place may be read by another entry.
-    order = [i for i in range(len(grads)) if not own[i]] + [i for i in range(len(grads)) if own[i]]
-    if adaptive:
-        for i in order:
-            g = grads[i]
-            if g is None:
-                continue
-            eta = etas[i] if etas is not None else 0.01
-            t = params[i].abs() + eta
-            if own[i]:
-                out[i] = g.mul_(t * t).mul_(scale_for(i, g))
-            else:
-                out[i] = t * t * g * scale_for(i, g)
-        return out, norm
-    groups: dict[tuple[float, torch.device, torch.dtype, bool], list[int]] = {}
-    for i in order:
-        g = grads[i]
-        if g is not None:
-            scale_for(i, g)
-            groups.setdefault((float(rhos[i]), g.device, g.dtype, own[i]), []).append(i)
-    for (rho, device, dtype, is_own), idx in groups.items():
-        tensors = [grads[i] for i in idx]
-        scale = scales[(rho, device, dtype)]
-        if is_own:
-            torch._foreach_mul_(tensors, scale)
-            results = tensors
-        else:
-            results = torch._foreach_mul(tensors, scale)
-        for i, e in zip(idx, results):
+    def direction(self, g: torch.Tensor, w: torch.Tensor, group: Mapping[str, Any]
+                  ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def norm_terms(self, g: torch.Tensor, w: torch.Tensor, group: Mapping[str, Any]
+                   ) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, grads: Tensors, params: Sequence[torch.Tensor],
+                 groups: Sequence[Mapping[str, Any]]) -> tuple[list[torch.Tensor | None],
+                                                                torch.Tensor]:
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        out: list[torch.Tensor | None] = [None] * len(grads)
+        if not idx:
+            return out, torch.zeros((), dtype=torch.float64)
+        present = [grads[i] for i in idx]
+        norm = global_norm([self.norm_terms(g, params[i], groups[i])
+                            for i, g in zip(idx, present)])
+        dirs = [self.direction(g, params[i], groups[i]) for i, g in zip(idx, present)]
+        for i, e in zip(idx, _scaled_by_norm(dirs, idx, groups, norm)):
             out[i] = e
-    return out, norm
+        return out, norm
+
+    def active(self, groups: Sequence[Mapping[str, Any]]) -> bool:
+        """False when the rule moves nothing this step (every ``rho`` is 0)."""
+        return any(float(g["rho"]) != 0.0 for g in groups)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(
+                f"perturbation rule: the state was saved by rule {state.get('name')!r}, this "
+                f"optimizer uses {self.name!r}"
+            )
+
+
+class SAMRule(PerturbationRule):
+    """SAM: ``e = rho * g / (||g|| + 1e-12)`` (Foret et al., ICLR 2021)."""
+
+    name = "sam"
+
+    def direction(self, g, w, group):
+        return g
+
+    def norm_terms(self, g, w, group):
+        return g
+
+
+class ASAMRule(PerturbationRule):
+    """ASAM: ``e = rho * T^2 g / (||T g|| + 1e-12)``, ``T = |w| + eta`` (Kwon et al., ICML 2021).
+
+    ``eta`` is read from each parameter's group (default 0.01, as in the paper's code).
+    """
+
+    name = "asam"
+
+    def direction(self, g, w, group):
+        t = w.abs() + float(group["eta"])
+        return t * t * g
+
+    def norm_terms(self, g, w, group):
+        return (w.abs() + float(group["eta"])) * g
+
+
+RULES: dict[str, type[PerturbationRule]] = {"sam": SAMRule, "asam": ASAMRule}
+
+
+def make_rule(rule: str | PerturbationRule) -> PerturbationRule:
+    """A rule instance from its name (``"sam"``, ``"asam"``) or an instance."""
+    if isinstance(rule, PerturbationRule):
+        return rule
+    try:
+        return RULES[rule]()
+    except (KeyError, TypeError):
+        raise ValueError(f"rule must be one of {sorted(RULES)}, got {rule!r}") from None
+
+
+def perturbation_norm(grads: Tensors, params: Sequence[torch.Tensor], adaptive: bool = False,
+                      etas: Sequence[float] | None = None) -> torch.Tensor:
+    """``||g||`` (SAM) or ``||T g||`` (ASAM) over the parameters with a gradient (float64)."""
+    rule = ASAMRule() if adaptive else SAMRule()
+    etas = [0.01] * len(params) if etas is None else etas
+    terms = [rule.norm_terms(g, params[i], {"eta": etas[i]})
+             for i, g in enumerate(grads) if g is not None]
+    return global_norm(terms)
+
+
+def perturbation(grads: Tensors, params: Sequence[torch.Tensor], rhos: Sequence[float],
+                 adaptive: bool = False, etas: Sequence[float] | None = None
+                 ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+    """Functional form of :class:`SAMRule` / :class:`ASAMRule` with per-parameter rho / eta."""
+    etas = [0.01] * len(params) if etas is None else etas
+    groups = [{"rho": r, "eta": e} for r, e in zip(rhos, etas)]
+    return (ASAMRule() if adaptive else SAMRule())(grads, params, groups)

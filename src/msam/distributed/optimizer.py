@@ -27,6 +27,11 @@ same way -- the failing rank raises its own error, the others :class:`Distribute
 ``GradScaler`` turn into a skipped step on every rank) -- instead of leaving them waiting in
 DDP's all-reduce. Parameters, gradients and BatchNorm buffers are restored as in
 single-process mSAM.
+
+Design: the scheduling above is the :class:`DDPStrategy` evaluator (ascent under ``no_sync``,
+the all-reduce on the last perturbed backward, the agreement in :meth:`DDPStrategy.session`);
+the math is the single-process engine's. A step costs two host synchronisations: the
+agreement before DDP's all-reduce and the engine's one finiteness read.
 """
 
 from __future__ import annotations
@@ -42,12 +47,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
+from msam.core.nonfinite import NonFiniteFlags, NonFiniteLossError
 from msam.optim.msam import MSAM, _flatten_params
-from msam.strategies import LoopStrategy, NonFiniteLossError, Strategy
+from msam.strategies import LoopStrategy, StepContext, Strategy
 from msam.strategies.base import check_loss
 
 __all__ = [
     "MODES",
+    "DDPStrategy",
     "DistributedMSAM",
     "DistributedStepError",
     "RemoteNonFiniteError",
@@ -186,15 +193,92 @@ def _forward_syncs_buffers(ddp: nn.parallel.DistributedDataParallel) -> bool:
     return bool(value)
 
 
-@dataclasses.dataclass
-class _Call:
-    """State of one ``step`` / ``accumulate`` call."""
+class DDPStrategy(LoopStrategy):
+    """The ``loop`` evaluator scheduled for DDP (see the module docstring).
 
-    sync: bool                          # does this call's last perturbed backward all-reduce?
-    scaler: Any
-    pert_params: list[torch.Tensor]
-    settled: bool = False               # the call's last error-flag agreement has happened
-    final_pass: bool = False            # inside the synchronised perturbed pass
+    * ascent: under ``ddp.no_sync()``; in ``"synchronized"`` mode the ascent gradient is then
+      replaced by its mean over the ranks (after an error agreement);
+    * descent: under ``no_sync`` except the call's last micro-batch when the call synchronises,
+      whose backward lets DDP all-reduce; the agreement runs between its forward and backward;
+    * session: a call without a synchronised pass agrees at its end; a failure before the
+      agreement is reported to the others there.
+    """
+
+    name = "ddp"
+
+    def __init__(self, opt: DistributedMSAM) -> None:
+        self.opt = opt
+        self.sync = True            # does this call's last perturbed backward all-reduce?
+        self._settled = False       # this call's last agreement has happened
+        self._ctx: StepContext | None = None
+
+    @contextlib.contextmanager
+    def session(self, ctx: StepContext) -> Iterator[None]:
+        opt = self.opt
+        self._settled, self._ctx = False, ctx
+        try:
+            yield
+            if opt.check_errors and not self._settled:
+                self._agree_now(ctx)
+        except BaseException as err:
+            if opt.check_errors and not self._settled:
+                flag = _NONFINITE if isinstance(err, NonFiniteLossError) else _FAILED
+                opt._agree(flag, f"{type(err).__name__}: {err}")
+                self._settled = True
+            raise
+        finally:
+            self._ctx = None
+
+    def _agree_now(self, ctx: StepContext, final: bool = True) -> None:
+        """Agree on this rank's state so far (local non-finite values included). An agreement
+        that finds a failure is the call's last: every rank stops there."""
+        bad = ctx.flags.any_on_device(self.opt._comm_device)
+        try:
+            self.opt._agree(bad.to(torch.int32) * _NONFINITE, None, flags=ctx.flags)
+        except BaseException:
+            self._settled = True
+            raise
+        self._settled = self._settled or final
+
+    def ascent(self, ctx: StepContext, idx: list[int]) -> list[tuple[torch.Tensor, Any]]:
+        assert self.opt.ddp is not None
+        with self.opt.ddp.no_sync():
+            out = super().ascent(ctx, idx)
+        if self.opt.mode == "synchronized":
+            if self.opt.check_errors:
+                self._agree_now(ctx, final=False)
+            (loss, grads), = out
+            out = [(loss, self.opt._all_reduce_mean(grads, ctx.pert_params))]
+        return out
+
+    def descent(self, ctx: StepContext, idx: list[int], offsets: Any) -> list[torch.Tensor]:
+        ddp = self.opt.ddp
+        assert ddp is not None
+        last = idx[-1] == len(ctx.micro_batches) - 1
+        if not (last and self.sync):
+            with ddp.no_sync():
+                return super().descent(ctx, idx, offsets)
+        return super().descent(dataclasses.replace(ctx, loss_fn=self._guard(ctx)), idx, offsets)
+
+    def _guard(self, ctx: StepContext) -> Callable[[Any], torch.Tensor]:
+        """``loss_fn`` of the synchronised pass: it must call the DDP model, and the ranks
+        agree after its forward, before anyone enters DDP's all-reduce."""
+        opt, loss_fn = self.opt, ctx.loss_fn
+
+        def guarded(mb: Any) -> torch.Tensor:
+            before = opt._ddp_forwards
+            loss = check_loss(loss_fn(mb))
+            if opt._ddp_forwards == before:
+                raise RuntimeError(
+                    "loss_fn did not call the DistributedDataParallel model, so DDP would not "
+                    "average the gradients: call the DDP wrapper (not its .module) in loss_fn"
+                )
+            if opt.check_errors:
+                ctx.flags.check(loss, "perturbed", len(ctx.micro_batches) - 1, "loss")
+                self._agree_now(ctx)
+            return loss
+
+        return guarded
 
 
 class DistributedMSAM(MSAM):
@@ -219,9 +303,9 @@ class DistributedMSAM(MSAM):
             one tiny all-reduce per call, plus one before the ascent all-reduce in synchronized
             mode). With ``False`` a rank that fails leaves the others waiting in DDP's
             all-reduce until the process group's timeout.
-        **kwargs: everything else :class:`msam.MSAM` takes (``adaptive``, ``eta``, ``perturb``,
-            ``max_grad_norm``, ``nonfinite``) and the base optimizer's keyword arguments.
-            Only the ``"loop"`` strategy is supported (``vmap`` would bypass DDP).
+        **kwargs: everything else :class:`msam.MSAM` takes (``adaptive``, ``eta``, ``rule``,
+            ``perturb``, ``max_grad_norm``, ``nonfinite``) and the base optimizer's keyword
+            arguments. The evaluator is :class:`DDPStrategy` (``vmap`` would bypass DDP).
     """
 
     def __init__(
@@ -272,7 +356,7 @@ class DistributedMSAM(MSAM):
                 )
         super().__init__(
             params, base_optimizer, rho, micro_batches=micro_batches,
-            micro_batch_size=micro_batch_size, strategy="loop", **kwargs,
+            micro_batch_size=micro_batch_size, strategy="loop", model=module, **kwargs,
         )
         self.ddp = ddp
         self.module = module
@@ -291,17 +375,14 @@ class DistributedMSAM(MSAM):
             self.process_group = None
             self.world_size, self.rank = 1, 0
             self._comm_device = torch.device("cpu")
-        self._call: _Call | None = None
         self._needs_sync = False
         #: Collective calls made by this optimizer itself (DDP's bucket all-reduces not counted).
         self.comm_counts = {"ascent_allreduce": 0, "error_check": 0, "grad_sync": 0}
         self._ddp_forwards = 0
         if ddp is not None:
             ddp.register_forward_pre_hook(self._count_forward)
-            self.engine.ascent_context = ddp.no_sync
-            self.engine.descent_context = self._descent_context
-            if mode == "synchronized":
-                self.engine.ascent_grad_hook = self._ascent_all_reduce
+            self._ddp_strategy = DDPStrategy(self)
+            self.engine.strategy = self._ddp_strategy
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -333,150 +414,102 @@ class DistributedMSAM(MSAM):
         and only the last micro-batch of the last call all-reduces. If ``step()`` finds a
         gradient that was never synchronised it all-reduces it once itself.
         """
-        return self._run(super().accumulate, loss_fn, batch, scale=scale, scaler=scaler,
-                         sync=sync, accumulate=True)
+        if self.ddp is None:
+            return super().accumulate(loss_fn, batch, scale=scale, scaler=scaler)
+        sync = bool(sync) and self.ddp.require_backward_grad_sync
+        self._ddp_strategy.sync = sync
+        out = super().accumulate(loss_fn, batch, scale=scale, scaler=scaler)
+        if not (self.last_result is not None and self.last_result.skipped):
+            # A synchronised call leaves every accumulated gradient averaged over the ranks.
+            self._needs_sync = not sync
+        return out
 
     def step(  # type: ignore[override]
         self,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         batch: Any = None,
         *,
+        closure: Callable[[], torch.Tensor] | None = None,
         scaler: Any = None,
     ) -> torch.Tensor | None:
         """One mSAM step on this rank's ``batch`` (as :meth:`MSAM.step`); returns its local loss."""
-        if loss_fn is None:
-            if batch is None and self._needs_sync:
+        if self.ddp is not None:
+            if closure is not None or (loss_fn is not None and batch is None):
+                raise ValueError("DistributedMSAM.step: needs loss_fn and batch (a closure "
+                                 "cannot be scheduled around DDP's all-reduce)")
+            if loss_fn is None and batch is None and self._needs_sync:
                 self._sync_grads()
-            return super().step(loss_fn, batch, scaler=scaler)
-        return self._run(super().step, loss_fn, batch, scaler=scaler, sync=True,
-                         accumulate=False)
+            if loss_fn is not None and not self.ddp.require_backward_grad_sync:
+                raise RuntimeError(
+                    "step(loss_fn, batch) inside ddp.no_sync() would update the weights with an "
+                    "unsynchronised gradient; accumulate under no_sync with accumulate(...) (or "
+                    "accumulate(..., sync=False)) and finish with step()"
+                )
+            self._ddp_strategy.sync = True
+        return super().step(loss_fn, batch, closure=closure, scaler=scaler)
+
+    def first_step(self, zero_grad: bool = False) -> None:
+        if self.ddp is not None:
+            raise ValueError("DistributedMSAM: the two-step API is not scheduled for DDP; use "
+                             "step(loss_fn, batch)")
+        super().first_step(zero_grad)
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._needs_sync = False
         super().zero_grad(set_to_none=set_to_none)
 
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["msam"]["strategy"] = {"name": "loop"}  # the DDP evaluator is rebuilt, not loaded
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.ddp is not None:
+            self.engine.strategy = self._ddp_strategy
+
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + (
             f", mode={self.mode!r}, world_size={self.world_size})"
         )
 
-    # -- the call ------------------------------------------------------------------------------
-    def _run(self, method: Callable, loss_fn: Any, batch: Any, *, scaler: Any, sync: bool,
-             accumulate: bool, **kw: Any) -> Any:
-        if self.ddp is None:
-            return method(loss_fn, batch, scaler=scaler, **kw)
-        if self._call is not None:
-            raise RuntimeError("DistributedMSAM.step/accumulate called from inside loss_fn")
-        if not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        if not accumulate and not self.ddp.require_backward_grad_sync:
-            raise RuntimeError(
-                "step(loss_fn, batch) inside ddp.no_sync() would update the weights with an "
-                "unsynchronised gradient; accumulate under no_sync with accumulate(...) (or "
-                "accumulate(..., sync=False)) and finish with step()"
-            )
-        sync = bool(sync) and self.ddp.require_backward_grad_sync
-        params, _, _, perturb = self._per_param()
-        self._call = _Call(sync=sync, scaler=scaler,
-                           pert_params=[p for p, k in zip(params, perturb) if k])
-        try:
-            try:
-                out = method(self._guard(loss_fn), batch, scaler=scaler, **kw)
-            except BaseException as err:
-                if self.check_errors and not self._call.settled:
-                    flag = _NONFINITE if isinstance(err, NonFiniteLossError) else _FAILED
-                    self._agree(flag, f"{type(err).__name__}: {err}", final=True)
-                raise
-            result = self.last_result
-            skipped = result is not None and result.skipped
-            if self.check_errors and not self._call.settled:
-                # Only a locally skipped step (non-finite value) gets here: tell the others.
-                self._agree(_NONFINITE, result.reason if skipped else "skipped", final=True)
-        finally:
-            self._call = None
-        if not skipped:
-            # A synchronised call leaves every accumulated gradient averaged over the ranks.
-            self._needs_sync = accumulate and not sync
-        return out
-
     def _count_forward(self, module: nn.Module, args: Any) -> None:
         self._ddp_forwards += 1
 
-    def _guard(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        def guarded(*args: Any) -> torch.Tensor:
-            before = self._ddp_forwards
-            loss = loss_fn(*args)
-            call = self._call
-            if call is not None and call.final_pass and self._ddp_forwards == before:
-                raise RuntimeError(
-                    "loss_fn did not call the DistributedDataParallel model, so DDP would not "
-                    "average the gradients: call the DDP wrapper (not its .module) in loss_fn"
-                )
-            if call is not None and call.final_pass and self.check_errors:
-                # Last forward before DDP's all-reduce: validate here so that a bad loss is
-                # reported to every rank before anyone enters the backward.
-                check_loss(loss, "perturbed", -1)
-                self._agree(_OK, "", final=True)
-            return loss
-        return guarded
-
-    def _descent_context(self, j: int, m: int) -> contextlib.AbstractContextManager:
-        call = self._call
-        last = j == m - 1
-        if call is not None and last and call.sync:
-            return self._synced_pass(call)
-        return self._unsynced_pass(call, last)
-
-    @contextlib.contextmanager
-    def _synced_pass(self, call: _Call) -> Iterator[None]:
-        call.final_pass = True
-        try:
-            yield
-        finally:
-            call.final_pass = False
-
-    @contextlib.contextmanager
-    def _unsynced_pass(self, call: _Call | None, last: bool) -> Iterator[None]:
-        assert self.ddp is not None
-        with self.ddp.no_sync():
-            yield
-        # Reached only when the pass succeeded. The call's last pass is its agreement point:
-        # include the local gradient check the engine would do after it.
-        if last and call is not None and self.check_errors:
-            bad = ""
-            if call.scaler is None or not call.scaler.is_enabled():
-                bad = next((f"non-finite gradient (parameter {i})"
-                            for i, p in enumerate(self._params())
-                            if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "")
-            self._agree(_NONFINITE if bad else _OK, bad, final=True)
-            if bad:
-                raise NonFiniteLossError("perturbed", -1, "gradient")
-
     # -- communication ---------------------------------------------------------------------------
-    def _agree(self, flag: int, detail: str, *, final: bool) -> None:
-        """All ranks exchange an error flag; raise if another rank reported a problem."""
-        call = self._call
-        flags = torch.zeros(self.world_size, dtype=torch.int32, device=self._comm_device)
-        flags[self.rank] = flag
-        dist.all_reduce(flags, group=self.process_group)
+    def _agree(self, flag: int | torch.Tensor, detail: str | None,
+               flags: NonFiniteFlags | None = None) -> None:
+        """All ranks exchange an error flag; raise if any rank reported a problem.
+
+        ``flag`` may be a device tensor (this rank's non-finite flag, read with the others in
+        the same host sync); then ``flags`` names this rank's own failure if it has one.
+        """
+        table = torch.zeros(self.world_size, dtype=torch.int32, device=self._comm_device)
+        table[self.rank] = flag
+        dist.all_reduce(table, group=self.process_group)
         self.comm_counts["error_check"] += 1
-        failed = bool(flags.any())
-        if call is not None and (final or failed):
-            call.settled = True
-        if not failed:
+        values = table.tolist()  # the agreement's host sync
+        if not any(values):
             return
         self._reset_reducer()
+        mine = values[self.rank]
+        if detail is None and mine:
+            bad = flags.first() if flags is not None else None
+            own = NonFiniteLossError(*bad) if bad is not None else NonFiniteLossError(
+                "perturbed", -1, "value")
+            detail = f"{type(own).__name__}: {own}"
         details: list[Any] = [None] * self.world_size
-        dist.all_gather_object(details, detail if flag else None, group=self.process_group)
-        if flag != _OK:
+        dist.all_gather_object(details, detail if mine else None, group=self.process_group)
+        if mine:
+            if isinstance(flag, torch.Tensor):
+                raise own
             return  # the caller raises its own error
-        flags_list = flags.tolist()
         others = {
             _global_rank(self.process_group, r): str(details[r])
-            for r in range(self.world_size) if flags_list[r]
+            for r in range(self.world_size) if values[r]
         }
-        if all(f in (_OK, _NONFINITE) for f in flags_list):
+        if all(f in (_OK, _NONFINITE) for f in values):
             raise RemoteNonFiniteError(others)
         raise DistributedStepError(others)
 
@@ -501,15 +534,8 @@ class DistributedMSAM(MSAM):
         self.ddp._has_rebuilt_buckets = False
         self.ddp.require_forward_param_sync = True
 
-    def _ascent_all_reduce(self, grads: tuple) -> tuple:
-        """Synchronized mode: replace this rank's ascent gradient by the mean over the ranks."""
-        call = self._call
-        assert call is not None
-        if self.check_errors:
-            self._agree(_OK, "", final=False)
-        params = call.pert_params
-        if len(params) != len(grads):  # pragma: no cover - engine contract
-            raise RuntimeError("ascent_grad_hook: gradient / parameter count mismatch")
+    def _all_reduce_mean(self, grads: list, params: list[torch.Tensor]) -> list:
+        """Synchronized mode: this rank's ascent gradient replaced by the mean over the ranks."""
         full = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
         out = list(full)
         for idx in _groups(full):
@@ -522,7 +548,7 @@ class DistributedMSAM(MSAM):
                 n = full[i].numel()
                 out[i] = flat[offset:offset + n].view_as(full[i])
                 offset += n
-        return tuple(out)
+        return out
 
     @torch.no_grad()
     def _sync_grads(self) -> None:

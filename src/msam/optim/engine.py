@@ -1,53 +1,63 @@
-"""The mSAM gradient computation with its guarantees: validation, exact restore, fault safety.
+"""The mSAM gradient: split -> g_j -> e_j -> h_j -> sum_j (n_j / n) h_j, with its guarantees.
 
-:class:`GradientEngine` turns ``(loss_fn, batch)`` into the mSAM gradient in ``p.grad``::
+:class:`GradientEngine` turns ``(loss_fn, batch)`` into the mSAM gradient in ``p.grad``
+(Behdin et al. 2023, mSAM; Foret et al. 2021, SAM; Kwon et al. 2021, ASAM)::
 
-    g_j = grad L_j(w)                    # micro-batch j's own gradient at w
-    e_j = rho * g_j / (||g_j|| + 1e-12)  # ASAM: rho T^2 g_j / (||T g_j|| + 1e-12), T = |w|+eta
-    h_j = grad L_j(w + e_j)
-    grad = sum_j (n_j / n) * h_j
+    split the batch into micro-batches j = 1..m of sizes n_j   (torch.tensor_split)
+    g_j  = grad L_j(w)                  strategy.ascent    (micro-batch j's mean loss at w)
+    e_j  = rule(g_j, w)                 the perturbation rule, e.g. rho g_j / (||g_j|| + 1e-12)
+    h_j  = grad L_j(w + e_j)            strategy.descent   (adds (n_j / n) h_j into p.grad)
+    grad = sum_j (n_j / n) h_j
 
-(Behdin et al. 2023, mSAM; Foret et al. 2021, SAM; Kwon et al. 2021, ASAM.) It is shared by the
-optimizer wrapper :class:`msam.MSAM` and the functional entry point :func:`msam.msam_gradient`.
+``rho = 0`` (every perturbed group) is one pass at ``w`` per micro-batch: the base optimizer's
+gradient. The perturbation rule (:mod:`msam.core.perturbation`) computes ``e_j``; the strategy
+(:mod:`msam.strategies`) only evaluates gradients; the BatchNorm rule
+(:mod:`msam.core.batchnorm`) is applied around each pass and committed once.
 
 Guarantees: the weights are copied back from a saved copy (never by subtracting ``e_j``); if
 ``loss_fn`` raises or a loss / gradient is non-finite, the parameters, BatchNorm buffers and the
-``.grad`` tensors are exactly as before the call, and the error is raised (or, with
-``nonfinite="skip"`` or a ``GradScaler``, the step is reported as skipped).
+``.grad`` tensors are exactly as before the call and the error is raised (or, with
+``nonfinite="skip"`` or a ``GradScaler``, the step is reported as skipped). Finiteness is
+recorded on the device and read once per call (one host synchronisation, whatever ``m`` is).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from msam.core.batch import batch_size, resolve_micro_batches, split_batch
-from msam.strategies import GradientJob, NonFiniteLossError, Strategy, make_strategy
+from msam.core.batchnorm import BatchNormPolicy, BatchNormStep
+from msam.core.nonfinite import NonFiniteFlags, NonFiniteLossError
+from msam.core.perturbation import PerturbationRule, make_rule
+from msam.strategies import ClosureStrategy, StepContext, Strategy, make_strategy
+from msam.strategies.auto import timed
 
-__all__ = ["GradientEngine", "GradientResult", "validate_rho", "validate_eta"]
+__all__ = ["GradientEngine", "GradientResult", "validate_eta", "validate_rho"]
+
+
+def _finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def validate_rho(rho: Any, name: str = "rho") -> float:
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) \
-            or rho < 0:
+    if not _finite_number(rho) or rho < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {rho!r}")
     return float(rho)
 
 
-def validate_eta(eta: Any) -> float:
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) \
-            or eta <= 0:
-        raise ValueError(f"eta must be a finite number > 0, got {eta!r}")
+def validate_eta(eta: Any, name: str = "eta") -> float:
+    if not _finite_number(eta) or eta <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {eta!r}")
     return float(eta)
 
 
-def _validate_count(value: Any, name: str) -> int | None:
+def validate_count(value: Any, name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -62,6 +72,26 @@ class GradientResult:
     loss: torch.Tensor  # weighted mean loss at w over the batch (0-d, detached; NaN if skipped)
     skipped: bool = False     # True when a non-finite value made the step be skipped
     reason: str = ""
+    bn: BatchNormStep | None = field(default=None, repr=False)   # uncommitted statistics
+    undo_grads: Callable[[], None] | None = field(default=None, repr=False)
+
+    def commit(self) -> None:
+        """Write this computation's BatchNorm running statistics (once)."""
+        if self.bn is not None:
+            self.bn.commit()
+            self.bn = None
+
+
+@dataclass
+class _Spec:
+    loss_fn: Callable[[Any], torch.Tensor]
+    micro: list[tuple[Any, float]]
+    params: list[torch.Tensor]
+    groups: list[Mapping[str, Any]]
+    perturbed: list[int]
+    loss_scale: torch.Tensor | None
+    grad_weight: float
+    fresh: bool
 
 
 class GradientEngine:
@@ -73,15 +103,13 @@ class GradientEngine:
         micro_batches: int | None = None,
         micro_batch_size: int | None = None,
         adaptive: bool = False,
+        rule: str | PerturbationRule | None = None,
         strategy: str | Strategy = "loop",
         model: nn.Module | None = None,
         nonfinite: str = "raise",
-        ascent_context: Callable[[], contextlib.AbstractContextManager] | None = None,
-        descent_context: Callable[[int, int], contextlib.AbstractContextManager] | None = None,
-        ascent_grad_hook: Callable[[tuple], tuple] | None = None,
     ) -> None:
-        self.micro_batches = _validate_count(micro_batches, "micro_batches")
-        self.micro_batch_size = _validate_count(micro_batch_size, "micro_batch_size")
+        self.micro_batches = validate_count(micro_batches, "micro_batches")
+        self.micro_batch_size = validate_count(micro_batch_size, "micro_batch_size")
         if self.micro_batches is not None and self.micro_batch_size is not None:
             raise ValueError("give micro_batches or micro_batch_size, not both")
         if not isinstance(adaptive, bool):
@@ -90,14 +118,19 @@ class GradientEngine:
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.adaptive = adaptive
+        if rule is None:
+            rule = "asam" if adaptive else "sam"
+        elif adaptive and make_rule(rule).name != "asam":
+            raise ValueError("adaptive=True is the 'asam' rule; give adaptive or rule, not both")
+        self.rule = make_rule(rule)
         self.strategy = make_strategy(strategy)
         self.model = model
         self.nonfinite = nonfinite
-        self.ascent_context = ascent_context
-        self.descent_context = descent_context
-        # Transforms the ascent gradients before e_j (loop strategy only; see GradientJob).
-        self.ascent_grad_hook = ascent_grad_hook
+        self.bn = BatchNormPolicy(model)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.rule.name == "asam"
 
     @property
     def strategy_name(self) -> str:
@@ -108,31 +141,104 @@ class GradientEngine:
 
     def _split(self, loss_fn: Callable, batch: Any) -> tuple[Callable, list[tuple[Any, float]]]:
         if batch is None:
-            m = self.micro_batches or 1
-            if m != 1 or self.micro_batch_size is not None:
+            if (self.micro_batches or 1) != 1 or self.micro_batch_size is not None:
                 raise ValueError(
-                    "batch: required when micro_batches > 1 (a loss_fn without a batch cannot "
-                    "be split into micro-batches)"
+                    "batch: required when micro_batches > 1 (a loss_fn or closure without a "
+                    "batch cannot be split into micro-batches)"
                 )
             return (lambda _unused: loss_fn()), [(None, 1.0)]
         n = batch_size(batch)
-        m = self.num_micro_batches(n)
-        return loss_fn, [(mb, n_j / n) for mb, n_j in split_batch(batch, m)]
+        return loss_fn, [(mb, n_j / n) for mb, n_j in split_batch(batch, self.num_micro_batches(n))]
+
+    # -- the path ---------------------------------------------------------------------------
+    def _path(self, strategy: Strategy, ctx: StepContext, groups: Sequence[Mapping[str, Any]],
+              active: bool) -> torch.Tensor:
+        """split -> g_j -> e_j -> h_j -> sum_j (n_j/n) h_j into p.grad; returns the mean L(w)."""
+        flags, total = ctx.flags, torch.zeros((), dtype=torch.float64, device=ctx.params[0].device)
+        for idx in strategy.chunks(ctx):
+            if not active:  # rho = 0: h_j = g_j, one pass at w
+                losses = strategy.descent(ctx, idx, None)
+                for j, loss in zip(idx, losses):
+                    flags.check(loss, "ascent", j, "loss")
+            else:
+                losses, offsets = [], []
+                for j, (loss, g_j) in zip(idx, strategy.ascent(ctx, idx)):
+                    e_j, norm = self.rule(g_j, ctx.pert_params, groups)
+                    flags.check(loss, "ascent", j, "loss")
+                    flags.check(norm, "ascent", j, "gradient")
+                    losses.append(loss)
+                    offsets.append(e_j)
+                for j, loss_p in zip(idx, strategy.descent(ctx, idx, offsets)):
+                    flags.check(loss_p, "perturbed", j, "loss")
+                del offsets
+            for j, loss in zip(idx, losses):
+                total = total + loss.to(total) * ctx.micro_batches[j][1]
+        flags.check_grads([p.grad for p in ctx.params])
+        return total
+
+    def _run(self, strategy: Strategy, spec: _Spec, *, commit: bool) -> GradientResult:
+        params = spec.params
+        backup = [params[i].detach().clone() for i in spec.perturbed]
+        old_grads = [p.grad for p in params]
+        if spec.fresh:
+            for p in params:
+                p.grad = None
+            snapshots = old_grads
+        else:
+            snapshots = [None if g is None else g.detach().clone() for g in old_grads]
+
+        def undo_grads() -> None:
+            with torch.no_grad():
+                for p, g, old in zip(params, snapshots, old_grads):
+                    if spec.fresh or g is None:
+                        p.grad = g
+                    else:
+                        old.copy_(g)
+                        p.grad = old
+
+        groups = [spec.groups[i] for i in spec.perturbed]
+        active = bool(spec.perturbed) and self.rule.active(groups)
+        try:
+            with self.bn.step() as bn:
+                ctx = StepContext(
+                    loss_fn=spec.loss_fn, micro_batches=spec.micro, params=params,
+                    perturbed=spec.perturbed, backup=backup, bn=bn, flags=NonFiniteFlags(),
+                    loss_scale=spec.loss_scale, grad_weight=spec.grad_weight, model=self.model,
+                )
+                with strategy.session(ctx):
+                    loss = self._path(strategy, ctx, groups, active)
+                    bad = ctx.flags.first()  # the one host sync of the step
+                    if bad is not None:
+                        raise NonFiniteLossError(*bad)
+        except BaseException:
+            with torch.no_grad():
+                torch._foreach_copy_([params[i] for i in spec.perturbed], backup)
+            undo_grads()
+            raise
+        result = GradientResult(loss.to(params[0].dtype), bn=bn, undo_grads=undo_grads)
+        if commit:
+            result.commit()
+        return result
 
     def compute(
         self,
         loss_fn: Callable[..., torch.Tensor],
         batch: Any,
         params: Sequence[torch.Tensor],
-        *,
-        rhos: Sequence[float],
-        etas: Sequence[float],
+        groups: Sequence[Mapping[str, Any]],
         perturb: Sequence[bool],
+        *,
         scaler: Any = None,
         grad_weight: float = 1.0,
         fresh: bool = True,
+        commit: bool = True,
     ) -> GradientResult:
-        """Add (``fresh=False``) or write (``fresh=True``) the mSAM gradient into ``p.grad``."""
+        """Write (``fresh=True``) or add (``fresh=False``) the mSAM gradient into ``p.grad``.
+
+        ``groups[i]`` is parameter ``i``'s param group (``rho``, ``eta``, ...), ``perturb[i]``
+        whether ``e_j`` moves it. ``commit=False`` leaves the BatchNorm statistics to
+        :meth:`GradientResult.commit` (the optimizer commits them after its base step).
+        """
         if not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         params = list(params)
@@ -141,81 +247,38 @@ class GradientEngine:
         fn, micro = self._split(loss_fn, batch)
         if scaler is not None and not scaler.is_enabled():
             scaler = None
-        loss_scale = 1.0
+        loss_scale = None
         if scaler is not None:
-            # scale() initialises the scaler's state on the parameters' device (lazily created).
-            loss_scale = float(scaler.scale(torch.ones((), device=params[0].device)))
-
-        backup = [p.detach().clone() if k else p for p, k in zip(params, perturb)]
-        old_grads = [p.grad for p in params]
-        if fresh:
-            for p in params:
-                p.grad = None
-            snapshots = old_grads
-        else:
-            snapshots = [None if g is None else g.detach().clone() for g in old_grads]
-
-        def restore() -> None:
-            with torch.no_grad():
-                for p, b, k in zip(params, backup, perturb):
-                    if k:
-                        p.copy_(b)
-                for p, g, old in zip(params, snapshots, old_grads):
-                    if fresh or g is None:
-                        p.grad = g
-                    else:
-                        old.copy_(g)
-                        p.grad = old
-
-        job = GradientJob(
-            loss_fn=fn, micro_batches=micro, params=params, perturb=list(perturb),
-            rhos=list(rhos), etas=list(etas), adaptive=self.adaptive, backup=backup,
-            loss_scale=loss_scale, grad_weight=grad_weight, model=self.model,
-        )
-        if self.ascent_context is not None:
-            job.ascent_context = self.ascent_context
-        if self.descent_context is not None:
-            job.descent_context = self.descent_context
-        if self.ascent_grad_hook is not None:
-            job.ascent_grad_hook = self.ascent_grad_hook
+            # The scale stays on the device (no host sync); scale() creates it lazily there.
+            loss_scale = scaler.scale(torch.ones((), device=params[0].device))
+        spec = _Spec(fn, micro, params, list(groups), [i for i, k in enumerate(perturb) if k],
+                     loss_scale, float(grad_weight), fresh)
+        strategy = ClosureStrategy() if batch is None else self._resolve(spec)
         try:
-            loss = self.strategy.accumulate(job)
-            if scaler is None:
-                bad = first_nonfinite([p.grad for p in params])
-                if bad is not None:
-                    raise NonFiniteLossError("perturbed", -1, f"gradient (parameter {bad})")
+            return self._run(strategy, spec, commit=commit)
         except NonFiniteLossError as err:
-            restore()
             if scaler is not None or self.nonfinite == "skip":
                 return GradientResult(torch.tensor(float("nan")), skipped=True, reason=str(err))
             raise
-        except BaseException:
-            restore()
-            raise
-        return GradientResult(loss.to(params[0].dtype), skipped=False)
 
+    def _resolve(self, spec: _Spec) -> Strategy:
+        preview = StepContext(
+            loss_fn=spec.loss_fn, micro_batches=spec.micro, params=spec.params,
+            perturbed=spec.perturbed, backup=[], bn=BatchNormStep([]), flags=NonFiniteFlags(),
+            model=self.model,
+        )
 
-def first_nonfinite(tensors: Sequence[torch.Tensor | None]) -> int | None:
-    """Index of the first tensor that holds an inf or NaN (``None`` entries skipped), else None.
+        def trial(candidate: Strategy) -> float:
+            saved = [p.grad for p in spec.params]
+            trial_spec = _Spec(**{**spec.__dict__, "fresh": True})
+            try:
+                return timed(lambda: self._run(candidate, trial_spec, commit=False),
+                             spec.params[0].device)
+            finally:
+                for p, g in zip(spec.params, saved):
+                    p.grad = g
 
-    The common all-finite case costs one sum per tensor and a single host sync: when every sum
-    is finite, so is every element (an inf / NaN element makes its sum inf or NaN), and on CPU a
-    sum is several times faster than ``isfinite().all()`` or an infinity norm. Only when some sum
-    is not finite (a real inf / NaN, or finite values whose sum overflowed) are the tensors
-    checked element by element, so the answer is exact.
-    """
-    present = [(i, t) for i, t in enumerate(tensors) if t is not None and t.numel() > 0]
-    if not present:
-        return None
-    try:
-        sums = [t.sum() for _, t in present]
-        device = sums[0].device
-        finite = torch.isfinite(torch.stack([s.to(device) for s in sums]))
-        if bool(finite.all()):
-            return None
-    except (RuntimeError, TypeError, NotImplementedError):  # e.g. sparse gradients
-        pass
-    return next((i for i, t in present if not bool(torch.isfinite(t).all())), None)
+        return self.strategy.resolve(preview, trial)
 
 
 def normalization_parameters(model: nn.Module) -> list[nn.Parameter]:

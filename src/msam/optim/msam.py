@@ -31,9 +31,18 @@ Notes:
 * **Clipping** (``max_grad_norm``) acts on the averaged gradient, after unscaling and right
   before the base step; the perturbation itself is normalised and needs none.
 * **Mixed precision**: pass ``scaler=`` (a ``torch.amp.GradScaler``) to ``step``; call
-  ``scaler.update()`` after it, as usual. If either pass overflows, the whole step is skipped,
-  the weights are restored and the scaler sees the overflow (so ``update`` lowers the scale).
-  ``torch.autocast`` goes inside ``loss_fn`` (or around the ``step`` call).
+  ``scaler.update()`` after it, as usual. If either pass overflows, the whole step is skipped
+  (weights, ``.grad``, BatchNorm buffers and counters as before; ``skipped_steps`` + 1) and the
+  scaler sees the overflow (so ``update`` lowers the scale). ``torch.autocast`` may go inside
+  ``loss_fn`` or around the ``step`` call: autocast's weight-cast cache is cleared before every
+  pass, so the perturbed pass never reuses casts made at ``w``.
+* **Two-step API** (for code written against the common two-step SAM optimizer, ``m = 1``):
+  ``loss.backward(); opt.first_step(zero_grad=True); loss_fn(...).backward();
+  opt.second_step(zero_grad=True)``. ``step(closure)`` with a closure that runs forward and
+  ``backward()`` (the ``torch.optim`` convention) calls it twice, at ``w`` and at ``w + e``.
+* **A gradient you filled yourself** (e.g. with :func:`msam_gradient`): ``opt.base_step()``.
+  ``step()`` with no arguments is only for finishing :meth:`MSAM.accumulate` calls; anything
+  else raises instead of silently taking a plain base-optimizer step.
 * **BatchNorm**: see :mod:`msam.core.batchnorm` -- per-micro-batch statistics in both passes,
   running statistics updated once per step from the unperturbed pass.
 * **state_dict** holds the base optimizer's full state (momentum buffers, Adam moments) plus the
@@ -42,20 +51,33 @@ Notes:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from msam.core.batchnorm import BatchNormStep
+from msam.core.perturbation import PerturbationRule
 from msam.optim.engine import GradientEngine, GradientResult, validate_eta, validate_rho
-from msam.strategies import Strategy
+from msam.strategies import STRATEGIES, Strategy, make_strategy
 
 __all__ = ["ASAM", "MSAM", "SAM", "msam_gradient"]
 
 _STATE_KEY = "msam"
+_STATE_VERSION = 2
+#: Per-parameter state keys written by other SAM implementations (a copy of the weights).
+_FOREIGN_STATE_KEYS = ("old_p", "e_w", "sam_e_w")
+
+
+def _validate_group(group: Mapping[str, Any], where: str) -> None:
+    if "rho" in group:
+        validate_rho(group["rho"], f"{where}: rho")
+    if "eta" in group:
+        validate_eta(group["eta"], f"{where}: eta")
 
 
 class MSAM(Optimizer):
@@ -70,9 +92,13 @@ class MSAM(Optimizer):
         micro_batches: number ``m`` of micro-batches per batch (default 1, i.e. SAM).
         micro_batch_size: alternatively, the largest micro-batch size; ``m = ceil(n / size)``.
         adaptive: ASAM's scale-invariant neighbourhood; ``eta`` is its offset (per group).
+        rule: the perturbation rule (``"sam"``, ``"asam"`` or a
+            :class:`msam.core.PerturbationRule`); default from ``adaptive``.
         strategy: ``"loop"`` (default, lowest memory, any model), ``"vmap"`` (vectorised over
             micro-batches; needs ``model``) or ``"auto"`` (measures both once).
-        model: the module ``loss_fn`` calls; needed by ``"vmap"``/``"auto"`` only.
+        model: the module ``loss_fn`` calls; needed by ``"vmap"``/``"auto"``, and recommended
+            with BatchNorm (its modules are then known without discovery; needed for
+            ``torch.compile``).
         perturb: a subset of the parameters to perturb (e.g. :func:`normalization_parameters`
             for SAM-ON); the rest are not moved but still receive the averaged gradient.
         max_grad_norm: clip the averaged gradient to this global L2 norm before the base step.
@@ -90,6 +116,7 @@ class MSAM(Optimizer):
         micro_batch_size: int | None = None,
         adaptive: bool = False,
         eta: float = 0.01,
+        rule: str | PerturbationRule | None = None,
         strategy: str | Strategy = "loop",
         model: nn.Module | None = None,
         perturb: Iterable[torch.Tensor] | None = None,
@@ -106,7 +133,7 @@ class MSAM(Optimizer):
             raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
         self.engine = GradientEngine(
             micro_batches=micro_batches, micro_batch_size=micro_batch_size, adaptive=adaptive,
-            strategy=strategy, model=model, nonfinite=nonfinite,
+            rule=rule, strategy=strategy, model=model, nonfinite=nonfinite,
         )
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         defaults = {"rho": rho, "eta": eta}
@@ -126,10 +153,16 @@ class MSAM(Optimizer):
                         "params: differ from the parameters of the given base_optimizer "
                         "(pass params=None to use its param groups)"
                     )
+            for i, g in enumerate(base.param_groups):
+                _validate_group(g, f"base_optimizer.param_groups[{i}]")
             super().__init__(base.param_groups, defaults)
         elif callable(base_optimizer):
             if params is None:
                 raise ValueError("params: required when base_optimizer is a class")
+            params = list(params) if not isinstance(params, torch.Tensor) else [params]
+            for i, g in enumerate(params):
+                if isinstance(g, Mapping):
+                    _validate_group(g, f"params[{i}]")
             super().__init__(params, defaults)
             base = base_optimizer(self.param_groups, **base_kwargs)
             if not isinstance(base, Optimizer):
@@ -142,6 +175,8 @@ class MSAM(Optimizer):
                 f"{type(base_optimizer).__name__}"
             )
         self.base_optimizer = base
+        # Schedulers read the base optimizer's hyperparameters (e.g. OneCycleLR: momentum/betas).
+        self.defaults = {**base.defaults, **defaults}
         self._link()
         if not self._params():
             raise ValueError("params: no parameter requires grad")
@@ -153,6 +188,7 @@ class MSAM(Optimizer):
                 raise ValueError("perturb: contains parameters that are not in params")
             self._perturb_ids = ids
         self._pending = False
+        self._two_step: tuple[list[torch.Tensor], list[torch.Tensor], Any] | None = None
         self.steps = 0
         self.skipped_steps = 0
         self.last_result: GradientResult | None = None
@@ -163,36 +199,33 @@ class MSAM(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         for group in self.param_groups:
-            for k, v in self.defaults.items():
-                group.setdefault(k, v)
+            for k in ("rho", "eta"):
+                group.setdefault(k, self.defaults[k])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         base = getattr(self, "base_optimizer", None)
         if base is None:  # during Optimizer.__init__
             return super().add_param_group(param_group)
-        if "rho" in param_group:
-            validate_rho(param_group["rho"])
-        if "eta" in param_group:
-            validate_eta(param_group["eta"])
-        for k, v in self.defaults.items():
-            param_group.setdefault(k, v)
+        _validate_group(param_group, "add_param_group")
+        for k in ("rho", "eta"):
+            param_group.setdefault(k, self.defaults[k])
         base.add_param_group(param_group)
         self._link()
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
-    def _per_param(self) -> tuple[list[torch.Tensor], list[float], list[float], list[bool]]:
-        params, rhos, etas, perturb = [], [], [], []
-        for g in self.param_groups:
+    def _per_param(self) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[bool]]:
+        params, groups, perturb = [], [], []
+        for i, g in enumerate(self.param_groups):
+            _validate_group(g, f"param_groups[{i}]")  # a scheduler may have changed rho
             for p in g["params"]:
                 if not p.requires_grad:
                     continue
                 params.append(p)
-                rhos.append(float(g["rho"]))
-                etas.append(float(g["eta"]))
+                groups.append(g)
                 perturb.append(self._perturb_ids is None or id(p) in self._perturb_ids)
-        return params, rhos, etas, perturb
+        return params, groups, perturb
 
     @property
     def micro_batches(self) -> int | None:
@@ -201,6 +234,10 @@ class MSAM(Optimizer):
     @property
     def strategy(self) -> str:
         return self.engine.strategy_name
+
+    @property
+    def rule(self) -> PerturbationRule:
+        return self.engine.rule
 
     # -- the step ------------------------------------------------------------------------------
     def accumulate(
@@ -216,10 +253,11 @@ class MSAM(Optimizer):
         For ``k`` accumulation batches use ``scale=1/k`` and finish with ``step()``. Each call
         updates BatchNorm running statistics once (each call is one loader batch).
         """
-        params, rhos, etas, perturb = self._per_param()
+        self._check_no_two_step("accumulate")
+        params, groups, perturb = self._per_param()
         # The first call after a step starts from zero; later calls add to it.
         result = self.engine.compute(
-            loss_fn, batch, params, rhos=rhos, etas=etas, perturb=perturb, scaler=scaler,
+            loss_fn, batch, params, groups, perturb, scaler=scaler,
             grad_weight=float(scale), fresh=not self._pending,
         )
         self.last_result = result
@@ -234,17 +272,37 @@ class MSAM(Optimizer):
         loss_fn: Callable[..., torch.Tensor] | None = None,
         batch: Any = None,
         *,
+        closure: Callable[[], torch.Tensor] | None = None,
         scaler: Any = None,
     ) -> torch.Tensor | None:
         """Compute the mSAM gradient of ``batch`` and take one base-optimizer step.
 
-        With no ``loss_fn``: take the base step on the gradient already in ``p.grad`` (after
-        :meth:`accumulate`, or after filling ``.grad`` yourself). Returns the weighted mean loss
-        at the unperturbed weights (detached), or NaN when the step was skipped.
+        * ``step(loss_fn, batch)``: the mSAM step; ``loss_fn(micro_batch)`` returns the loss.
+        * ``step(closure)`` / ``step(closure=closure)`` (``m = 1``): a closure in the
+          ``torch.optim`` convention (forward + ``backward()``, returns the loss), called at
+          ``w`` and at ``w + e``.
+        * ``step()`` after :meth:`accumulate`: the base step on the accumulated gradient.
+
+        Returns the weighted mean loss at the unperturbed weights (detached), or NaN when the
+        step was skipped. A failure in the base optimizer's step leaves ``.grad`` and the
+        BatchNorm buffers as before the call (see :meth:`base_step`).
         """
+        self._check_no_two_step("step")
+        if closure is not None:
+            if loss_fn is not None or batch is not None:
+                raise ValueError("closure: give a closure or loss_fn and batch, not both")
+            loss_fn = closure
         if loss_fn is None:
             if batch is not None:
                 raise ValueError("batch: given without loss_fn")
+            if not self._pending:
+                raise RuntimeError(
+                    "step() without loss_fn: no accumulate() call since the last step, and "
+                    "msam does not step on a gradient it did not compute (that would be a plain "
+                    f"{type(self.base_optimizer).__name__} step). Use opt.step(loss_fn, batch) "
+                    "for an mSAM step, or opt.base_step() to apply a gradient you filled "
+                    "yourself (e.g. with msam.msam_gradient)"
+                )
             self._base_step(scaler)
             return None
         if self._pending:
@@ -252,10 +310,9 @@ class MSAM(Optimizer):
                 "accumulate() was called since the last step: call step() without arguments "
                 "to apply the accumulated gradient"
             )
-        params, rhos, etas, perturb = self._per_param()
+        params, groups, perturb = self._per_param()
         result = self.engine.compute(
-            loss_fn, batch, params, rhos=rhos, etas=etas, perturb=perturb, scaler=scaler,
-            fresh=True,
+            loss_fn, batch, params, groups, perturb, scaler=scaler, fresh=True, commit=False,
         )
         self.last_result = result
         if result.skipped:
@@ -263,8 +320,25 @@ class MSAM(Optimizer):
             if scaler is not None and scaler.is_enabled():
                 self._report_overflow(scaler)
             return result.loss
-        self._base_step(scaler)
+        try:
+            self._base_step(scaler)
+        except BaseException:
+            if result.undo_grads is not None:
+                result.undo_grads()
+            raise
+        result.commit()
         return result.loss
+
+    def base_step(self, scaler: Any = None) -> None:
+        """The base optimizer's step on the gradient in ``p.grad`` as it is (clipped with
+        ``max_grad_norm``), e.g. one filled with :func:`msam_gradient`. No perturbation here.
+
+        If the base optimizer raises, the exception propagates; torch's optimizers check their
+        inputs before writing, and msam keeps no copy of their state (it would cost two to
+        three parameter copies per step).
+        """
+        self._check_no_two_step("base_step")
+        self._base_step(scaler)
 
     def _base_step(self, scaler: Any) -> None:
         params = self._params()
@@ -297,6 +371,56 @@ class MSAM(Optimizer):
             for p, g in zip(params, saved):
                 p.grad = g
 
+    # -- the two-step API (m = 1) ----------------------------------------------------------------
+    def _check_no_two_step(self, what: str) -> None:
+        if self._two_step is not None:
+            raise RuntimeError(f"{what}() between first_step() and second_step(): call "
+                               "second_step() first (the weights are still perturbed)")
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to ``w + e`` with ``e`` from the gradient in ``.grad`` (your ``backward()`` at
+        ``w``); keeps an exact copy of ``w``. For models with BatchNorm given as ``model=``,
+        running statistics are frozen until :meth:`second_step` (the perturbed pass updates
+        none). ``m = 1`` only: micro-batches need ``step(loss_fn, batch)``."""
+        self._check_no_two_step("first_step")
+        if (self.engine.micro_batches or 1) != 1 or self.engine.micro_batch_size is not None:
+            raise ValueError(
+                "first_step: the two-step API perturbs once per batch (m = 1); with "
+                "micro_batches use opt.step(loss_fn, batch)"
+            )
+        params, groups, perturb = self._per_param()
+        idx = [i for i, k in enumerate(perturb) if k]
+        pert = [params[i] for i in idx]
+        grads = [p.grad for p in pert]
+        if all(g is None for g in grads):
+            raise RuntimeError("first_step: no gradient in .grad; call loss.backward() first")
+        e, _ = self.engine.rule(grads, pert, [groups[i] for i in idx])
+        backup = [p.detach().clone() for p in pert]
+        moved = [(p, ei) for p, ei in zip(pert, e) if ei is not None]
+        torch._foreach_add_([p for p, _ in moved], [ei for _, ei in moved])
+        frozen = contextlib.ExitStack()
+        if self.engine.model is not None:
+            bn = frozen.enter_context(contextlib.closing(BatchNormStep(self.engine.bn.modules())))
+            frozen.enter_context(bn.pass_(record=False))
+        self._two_step = (pert, backup, frozen)
+        if zero_grad:
+            self.zero_grad()
+
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore ``w`` exactly and take the base step with the gradient in ``.grad`` (your
+        ``backward()`` at ``w + e``)."""
+        if self._two_step is None:
+            raise RuntimeError("second_step() without first_step()")
+        pert, backup, frozen = self._two_step
+        self._two_step = None
+        with torch.no_grad():
+            torch._foreach_copy_(pert, backup)
+        frozen.close()
+        self._base_step(None)
+        if zero_grad:
+            self.zero_grad()
+
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._pending = False
@@ -306,11 +430,11 @@ class MSAM(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         sd = self.base_optimizer.state_dict()
         sd[_STATE_KEY] = {
-            "version": 1,
+            "version": _STATE_VERSION,
             "micro_batches": self.engine.micro_batches,
             "micro_batch_size": self.engine.micro_batch_size,
-            "adaptive": self.engine.adaptive,
-            "strategy": self.engine.strategy_name,
+            "rule": self.engine.rule.state_dict(),
+            "strategy": self.engine.strategy.state_dict(),
             "max_grad_norm": self.max_grad_norm,
             "nonfinite": self.engine.nonfinite,
             "steps": self.steps,
@@ -319,27 +443,102 @@ class MSAM(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        sd = dict(state_dict)
-        extra = sd.pop(_STATE_KEY, None)
+        """Load a state saved by :meth:`state_dict`; anything else is refused with an error.
+
+        Checks the whole state before changing anything: the ``msam`` entry and each of its
+        values, per-parameter state written by other SAM implementations (``old_p``), and the
+        base optimizer's param groups (``rho``/``eta``). The saved strategy is restored.
+        """
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict \
+                or "param_groups" not in state_dict:
+            raise ValueError("state_dict: not an optimizer state (needs 'state' and "
+                             "'param_groups')")
+        for pid, pstate in state_dict["state"].items():
+            keys = pstate.keys() if isinstance(pstate, Mapping) else ()
+            foreign = [k for k in _FOREIGN_STATE_KEYS if k in keys]
+            if foreign:
+                raise ValueError(
+                    f"state_dict: parameter {pid} has {foreign[0]!r}, the weight copy of another "
+                    "SAM implementation; its momentum is not transferable this way. Load that "
+                    "optimizer's base state into opt.base_optimizer if you must"
+                )
+        extra = state_dict.get(_STATE_KEY)
+        if not isinstance(extra, Mapping):
+            raise ValueError(
+                f"state_dict: no {_STATE_KEY!r} entry, so it was not saved by msam.MSAM; a plain "
+                f"{type(self.base_optimizer).__name__} state goes into "
+                "opt.base_optimizer.load_state_dict(...)"
+            )
+        settings = _validated_settings(extra)
+        for i, g in enumerate(state_dict["param_groups"]):
+            _validate_group(g, f"state_dict: param_groups[{i}]")
+        strategy = make_strategy(settings["strategy"]["name"])
+        strategy.load_state_dict(settings["strategy"])
+        rule_state = settings["rule"]
+        if rule_state is not None:
+            self.engine.rule.load_state_dict(rule_state)
+        sd = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
         self.base_optimizer.load_state_dict(sd)
         self._link()
-        if extra is not None:
-            self.engine.micro_batches = extra.get("micro_batches")
-            self.engine.micro_batch_size = extra.get("micro_batch_size")
-            self.engine.adaptive = bool(extra.get("adaptive", False))
-            self.engine.nonfinite = extra.get("nonfinite", "raise")
-            self.max_grad_norm = extra.get("max_grad_norm")
-            self.steps = int(extra.get("steps", 0))
-            self.skipped_steps = int(extra.get("skipped_steps", 0))
+        self.engine.micro_batches = settings["micro_batches"]
+        self.engine.micro_batch_size = settings["micro_batch_size"]
+        self.engine.strategy = strategy
+        self.engine.nonfinite = settings["nonfinite"]
+        self.max_grad_norm = settings["max_grad_norm"]
+        self.steps = settings["steps"]
+        self.skipped_steps = settings["skipped_steps"]
         self._pending = False
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, "
             f"rho={self.defaults['rho']}, micro_batches={self.engine.micro_batches}, "
-            f"micro_batch_size={self.engine.micro_batch_size}, adaptive={self.engine.adaptive}, "
+            f"micro_batch_size={self.engine.micro_batch_size}, rule={self.engine.rule.name!r}, "
             f"strategy={self.engine.strategy_name!r})"
         )
+
+
+def _validated_settings(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``msam`` entry of a state dict, checked value by value (versions 1 and 2)."""
+    from msam.optim.engine import validate_count
+
+    where = f"state_dict[{_STATE_KEY!r}]"
+    version = extra.get("version")
+    if version not in (1, _STATE_VERSION):
+        raise ValueError(f"{where}: unknown version {version!r} (this msam reads 1 and "
+                         f"{_STATE_VERSION})")
+    mb = validate_count(extra.get("micro_batches"), f"{where}: micro_batches")
+    mbs = validate_count(extra.get("micro_batch_size"), f"{where}: micro_batch_size")
+    if mb is not None and mbs is not None:
+        raise ValueError(f"{where}: both micro_batches and micro_batch_size are set")
+    strategy = extra.get("strategy", "loop")
+    if version == 1:
+        rule = {"name": "asam" if extra.get("adaptive") else "sam"}
+        strategy = {"name": strategy}
+    else:
+        rule = extra.get("rule")
+    if not isinstance(strategy, Mapping) or strategy.get("name") not in STRATEGIES:
+        raise ValueError(f"{where}: strategy must name one of {sorted(STRATEGIES)}, "
+                         f"got {strategy!r}")
+    if not isinstance(rule, Mapping) or not isinstance(rule.get("name"), str):
+        raise ValueError(f"{where}: rule must be a mapping with a 'name', got {rule!r}")
+    nonfinite = extra.get("nonfinite", "raise")
+    if nonfinite not in ("raise", "skip"):
+        raise ValueError(f"{where}: nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+    mgn = extra.get("max_grad_norm")
+    if mgn is not None and (isinstance(mgn, bool) or not isinstance(mgn, (int, float))
+                            or not math.isfinite(mgn) or mgn <= 0):
+        raise ValueError(f"{where}: max_grad_norm must be None or a finite number > 0, "
+                         f"got {mgn!r}")
+    counts = {}
+    for key in ("steps", "skipped_steps"):
+        v = extra.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{where}: {key} must be an integer >= 0, got {v!r}")
+        counts[key] = v
+    return {"micro_batches": mb, "micro_batch_size": mbs, "strategy": dict(strategy),
+            "rule": dict(rule), "nonfinite": nonfinite,
+            "max_grad_norm": None if mgn is None else float(mgn), **counts}
 
 
 class SAM(MSAM):
@@ -353,7 +552,10 @@ class SAM(MSAM):
 
 
 class ASAM(MSAM):
-    """ASAM (Kwon et al. 2021): :class:`MSAM` with ``adaptive=True`` (micro-batches allowed)."""
+    """ASAM (Kwon et al. 2021): :class:`MSAM` with ``adaptive=True`` (micro-batches allowed).
+
+    Defaults: ``rho=0.5``, ``eta=0.01`` (the ASAM paper's CIFAR-10 settings).
+    """
 
     def __init__(self, params, base_optimizer, rho: float = 0.5, **kwargs: Any) -> None:
         if kwargs.pop("adaptive", True) is not True:
@@ -371,6 +573,7 @@ def msam_gradient(
     micro_batch_size: int | None = None,
     adaptive: bool = False,
     eta: float = 0.01,
+    rule: str | PerturbationRule | None = None,
     perturb: Iterable[torch.Tensor] | None = None,
     strategy: str | Strategy = "loop",
     model: nn.Module | None = None,
@@ -385,6 +588,11 @@ def msam_gradient(
     ``Trainer.training_step``, Lightning manual optimisation, custom loops): compute the gradient
     here, then let any optimizer (and any clipping / scaler logic) step. ``accumulate=True`` adds
     ``scale`` times the gradient to existing ``.grad`` instead of overwriting it.
+
+    With a ``scaler``, ``.grad`` holds the scaled gradient, as after ``scaler.scale(loss)
+    .backward()``; if a pass overflows, the weights and BatchNorm buffers are restored and
+    ``.grad`` is left non-finite, so that ``scaler.step(optimizer)`` skips the step and
+    ``scaler.update()`` lowers the scale, exactly as with a plain AMP backward.
     """
     rho = validate_rho(rho)
     eta = validate_eta(eta)
@@ -394,13 +602,19 @@ def msam_gradient(
     ids = None if perturb is None else {id(p) for p in _flatten_params(perturb)}
     engine = GradientEngine(
         micro_batches=micro_batches, micro_batch_size=micro_batch_size, adaptive=adaptive,
-        strategy=strategy, model=model, nonfinite=nonfinite,
+        rule=rule, strategy=strategy, model=model, nonfinite=nonfinite,
     )
+    group = {"rho": rho, "eta": eta}
     result = engine.compute(
-        loss_fn, batch, params, rhos=[rho] * len(params), etas=[eta] * len(params),
-        perturb=[ids is None or id(p) in ids for p in params], scaler=scaler,
+        loss_fn, batch, params, [group] * len(params),
+        [ids is None or id(p) in ids for p in params], scaler=scaler,
         grad_weight=float(scale), fresh=not accumulate,
     )
+    if result.skipped and scaler is not None and scaler.is_enabled():
+        with torch.no_grad():
+            p = params[0]
+            p.grad = torch.full_like(p, float("inf")) if p.grad is None else p.grad.fill_(
+                float("inf"))
     return result.loss
 
 

@@ -1,7 +1,9 @@
-"""Execution strategies: how the micro-batch passes are scheduled (same math, same result)."""
+"""Execution strategies: evaluators of micro-batch gradients (same math, same result)."""
 
+from msam.core.nonfinite import NonFiniteLossError
 from msam.strategies.auto import AutoStrategy
-from msam.strategies.base import GradientJob, NonFiniteLossError, Strategy
+from msam.strategies.base import StepContext, Strategy
+from msam.strategies.closure import ClosureStrategy
 from msam.strategies.loop import LoopStrategy
 from msam.strategies.vmap import VmapStrategy
 
@@ -14,13 +16,13 @@ def make_strategy(name: str | Strategy) -> Strategy:
         return name
     try:
         return STRATEGIES[name]()
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(
             f"strategy must be one of {sorted(STRATEGIES)}, got {name!r}"
         ) from None
 
 
 __all__ = [
-    "STRATEGIES", "AutoStrategy", "GradientJob", "LoopStrategy", "NonFiniteLossError",
-    "Strategy", "VmapStrategy", "make_strategy",
+    "STRATEGIES", "AutoStrategy", "ClosureStrategy", "LoopStrategy", "NonFiniteLossError",
+    "StepContext", "Strategy", "VmapStrategy", "make_strategy",
 ]

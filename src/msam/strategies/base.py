@@ -1,72 +1,72 @@
-"""What an execution strategy receives and must do.
+"""What an execution strategy is: an evaluator of micro-batch gradients.
 
-A strategy computes the mSAM gradient of one batch and **adds** it into ``p.grad``::
+The engine (:mod:`msam.optim.engine`) owns the mSAM math -- split, ``e_j`` from the
+perturbation rule, the weights ``n_j / n``, restore, BatchNorm commit, non-finite handling. A
+strategy only answers two questions for a chunk of micro-batches (``loop``: one micro-batch;
+``vmap``: all micro-batches of one size):
 
-    p.grad += grad_weight * loss_scale * sum_j (n_j / n) * h_j,   h_j = grad L_j(w + e_j)
+* :meth:`Strategy.ascent`: the loss ``L_j(w)`` and the gradient ``g_j = grad L_j(w)`` of the
+  perturbed parameters, for each ``j`` in the chunk (BatchNorm statistics recorded);
+* :meth:`Strategy.descent`: add ``coef * sum_j (n_j / n) * grad L_j(w + e_j)`` to ``p.grad`` of
+  every parameter (``coef`` = accumulation weight x loss scale) and return each ``L_j(w + e_j)``;
+  with ``offsets=None`` the point is ``w`` itself and the statistics are recorded (``rho = 0``:
+  the only pass).
 
-and returns the weighted mean loss at ``w``. It must leave the parameters at ``w`` (restored
-from ``GradientJob.backup``, never by subtracting ``e_j``) and apply the BatchNorm policy of
-:mod:`msam.core.batchnorm`. Strategies differ only in how they schedule the work (one
-micro-batch after another, or vectorised with ``torch.func.vmap``); results agree to rounding.
+It must leave the parameters at ``w`` (copied back from ``StepContext.backup``, never by
+subtracting ``e_j``), run each pass inside ``ctx.bn`` (the BatchNorm rule), and may not check
+values (no host sync): the engine records finiteness on the device. A strategy that needs to
+communicate (``msam.distributed``) wraps the whole computation in :meth:`Strategy.session`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["GradientJob", "NonFiniteLossError", "Strategy", "check_loss"]
+from msam.core.batchnorm import BatchNormStep
+from msam.core.nonfinite import NonFiniteFlags, NonFiniteLossError
 
+__all__ = ["NonFiniteLossError", "StepContext", "Strategy", "check_loss", "fresh_autocast"]
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss or gradient was inf/NaN; ``phase`` is ``"ascent"`` or ``"perturbed"``."""
-
-    def __init__(self, phase: str, micro_batch: int, what: str = "loss") -> None:
-        self.phase, self.micro_batch, self.what = phase, micro_batch, what
-        super().__init__(
-            f"non-finite {what} in the {phase} pass of micro-batch {micro_batch}; parameters, "
-            "BatchNorm buffers and optimizer state were left as before the step"
-        )
-
-
-def _null_descent(j: int, m: int) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
+Offsets = list[torch.Tensor | None]
 
 
 @dataclass
-class GradientJob:
+class StepContext:
+    """Everything a strategy needs for one gradient computation."""
+
     loss_fn: Callable[[Any], torch.Tensor]
-    micro_batches: list[tuple[Any, float]]  # (micro_batch, n_j / n)
+    micro_batches: list[tuple[Any, float]]  # (micro-batch, n_j / n)
     params: list[torch.Tensor]              # every parameter that receives a gradient
-    perturb: list[bool]                     # which of them are moved by e_j
-    rhos: list[float]
-    etas: list[float]
-    adaptive: bool
-    backup: list[torch.Tensor]              # exact copies of params at w
-    loss_scale: float = 1.0                 # GradScaler scale (1.0 without one)
-    grad_weight: float = 1.0                # extra factor, e.g. 1/k for k accumulation calls
+    perturbed: list[int]                    # indices (into params) of those moved by e_j
+    backup: list[torch.Tensor]              # exact copies at w of params[i], i in perturbed
+    bn: BatchNormStep
+    flags: NonFiniteFlags
+    loss_scale: torch.Tensor | None = None  # GradScaler scale on the device (None: no scaler)
+    grad_weight: float = 1.0                # e.g. 1/k for k accumulation calls
     model: nn.Module | None = None
-    ascent_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    descent_context: Callable[[int, int], contextlib.AbstractContextManager] = field(
-        default=_null_descent
-    )
-    commit_batchnorm: bool = True
-    # Optional transform of the ascent gradients g_j (after unscaling, before e_j is computed),
-    # e.g. msam.distributed's all-reduce for its "synchronized" mode. Honoured by the loop
-    # strategy only; it receives and returns one entry (tensor or None) per perturbed parameter.
-    ascent_grad_hook: Callable[[tuple], tuple] | None = None
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the GradScaler scale (a device tensor: no host sync)."""
+        return loss if self.loss_scale is None else loss * self.loss_scale
+
+    def unscaled(self, grads: list) -> list:
+        if self.loss_scale is None:
+            return grads
+        return [None if g is None else g / self.loss_scale for g in grads]
 
     @property
-    def rho_is_zero(self) -> bool:
-        return all(r == 0 for r, k in zip(self.rhos, self.perturb) if k) or not any(self.perturb)
+    def pert_params(self) -> list[torch.Tensor]:
+        return [self.params[i] for i in self.perturbed]
 
 
-def check_loss(loss: Any, phase: str, j: int) -> torch.Tensor:
+def check_loss(loss: Any) -> torch.Tensor:
+    """The loss as a 0-d tensor; a wrong type or shape is an error (no value check, no sync)."""
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise TypeError(
             f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
@@ -74,15 +74,44 @@ def check_loss(loss: Any, phase: str, j: int) -> torch.Tensor:
         )
     if not loss.requires_grad:
         raise ValueError("loss_fn returned a loss that does not require grad (no parameter in it?)")
-    if not bool(torch.isfinite(loss.detach()).all()):
-        raise NonFiniteLossError(phase, j)
     return loss.reshape(())
 
 
+def fresh_autocast() -> None:
+    """Drop autocast's cache of cast weights before a pass: the weights move between passes,
+    and a cast made at ``w`` must not be reused at ``w + e_j``."""
+    torch.clear_autocast_cache()
+
+
 class Strategy:
-    """Base class; subclasses implement :meth:`accumulate`."""
+    """Base class of the evaluators (see the module docstring)."""
 
     name = "base"
 
-    def accumulate(self, job: GradientJob) -> torch.Tensor:  # pragma: no cover - interface
+    def chunks(self, ctx: StepContext) -> list[list[int]]:
+        """Micro-batch indices evaluated together; one at a time by default."""
+        return [[j] for j in range(len(ctx.micro_batches))]
+
+    def ascent(self, ctx: StepContext, idx: list[int]
+               ) -> list[tuple[torch.Tensor, Offsets]]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def descent(self, ctx: StepContext, idx: list[int],
+                offsets: list[Offsets] | None) -> list[torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def resolve(self, ctx: StepContext, trial: Callable[[Strategy], float]) -> Strategy:
+        """The evaluator for this step; ``trial(candidate)`` runs the whole computation with
+        ``candidate`` (nothing committed) and returns its wall time (``auto`` uses it)."""
+        return self
+
+    @contextlib.contextmanager
+    def session(self, ctx: StepContext) -> Iterator[None]:
+        """Wraps one whole gradient computation (communication set-up, error agreement)."""
+        yield
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
