@@ -61,3 +61,50 @@ def reference_msam_grad(model, loss_of, batch, m, rho, adaptive=False, eta=0.01,
         for k, hk in zip(names, h):
             total[k] += hk * (nj / n)
     return total, loss_total
+
+
+def reference_msam_grad_bn(model, loss_of, batch, m, rho, perturb=None):
+    """As :func:`reference_msam_grad` for models with BatchNorm in training mode.
+
+    Every pass normalises with its micro-batch's own statistics (BatchNorm in training mode
+    normalises with the batch's statistics whatever its buffers hold); buffers go in as
+    throw-away copies, so the running statistics never reach the result.
+    """
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    w = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    perturb = set(names) if perturb is None else set(perturb)
+    n = first_size(batch)
+    total = {k: torch.zeros_like(v) for k, v in w.items()}
+
+    def loss_at(params, mb):
+        state = dict(params)
+        state.update({k: b.detach().clone() for k, b in model.named_buffers()})
+        return loss_of(lambda x: functional_call(model, state, (x,)), mb)
+
+    for mb in split(batch, m):
+        nj = first_size(mb)
+        wp = {k: v.clone().requires_grad_(True) for k, v in w.items()}
+        g = dict(zip(names, torch.autograd.grad(loss_at(wp, mb), [wp[k] for k in names])))
+        norm = torch.sqrt(sum((g[k] ** 2).sum() for k in perturb))
+        e = {k: rho * g[k] / (norm + 1e-12) for k in perturb}
+        wq = {k: (w[k] + e[k] if k in e else w[k]).clone().requires_grad_(True) for k in names}
+        h = torch.autograd.grad(loss_at(wq, mb), [wq[k] for k in names])
+        for k, hk in zip(names, h):
+            total[k] += hk * (nj / n)
+    return total
+
+
+def reference_linear_bn_running_stats(weight, bias, x, m, old_mean, old_var, momentum, nbt):
+    """Running statistics of ``BatchNorm1d`` placed after ``Linear(weight, bias)`` after one
+    step: the statistics of ``x_j W^T + b`` at the **unperturbed** weights, per micro-batch
+    (mean; unbiased variance), averaged, then ``(1 - f) old + f mean`` with ``f = momentum``
+    (``1 / (nbt + 1)`` for ``momentum=None``)."""
+    means, variances = [], []
+    for xj in torch.tensor_split(x, m):
+        hj = xj @ weight.T + bias
+        means.append(hj.mean(0))
+        variances.append(hj.var(0, unbiased=True))
+    f = 1.0 / (nbt + 1) if momentum is None else momentum
+    mean = torch.stack(means).mean(0)
+    var = torch.stack(variances).mean(0)
+    return (1 - f) * old_mean + f * mean, (1 - f) * old_var + f * var

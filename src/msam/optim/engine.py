@@ -168,6 +168,8 @@ class GradientEngine:
                     flags.check(norm, "ascent", j, "gradient")
                     losses.append(loss)
                     offsets.append(e_j)
+                    del e_j, g_j
+                # The strategy may take e_j out of ``offsets`` to free it during its pass.
                 for j, loss_p in zip(idx, strategy.descent(ctx, idx, offsets)):
                     flags.check(loss_p, "perturbed", j, "loss")
                 del offsets

@@ -57,7 +57,9 @@ class ClosureStrategy(Strategy):
             with ctx.bn.pass_(record=True):
                 loss, grads = self._call(ctx, ctx.params, coef)
         else:
-            with moved_to(ctx, offsets[0]), ctx.bn.pass_(record=False):
+            e, offsets[0] = offsets[0], []
+            with moved_to(ctx, e), ctx.bn.pass_(record=False):
+                del e
                 loss, grads = self._call(ctx, ctx.params, coef)
         with torch.no_grad():
             for p, g in zip(ctx.params, grads):

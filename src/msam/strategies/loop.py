@@ -28,6 +28,7 @@ class moved_to:  # noqa: N801 - used as a context manager, like torch.no_grad
         moved = [(p, e) for p, e in zip(self.ctx.pert_params, self.e) if e is not None]
         with torch.no_grad():
             torch._foreach_add_([p for p, _ in moved], [e for _, e in moved])
+        self.e = []  # e_j is not needed during the pass: free it before the forward
 
     def __exit__(self, *exc: object) -> None:
         with torch.no_grad():
@@ -51,7 +52,9 @@ class LoopStrategy(Strategy):
         if offsets is None:  # rho = 0: one pass at w, whose statistics are the step's
             with ctx.bn.pass_(record=True):
                 return [self._backward(ctx, j)]
-        with moved_to(ctx, offsets[0]), ctx.bn.pass_(record=False):
+        e_j, offsets[0] = offsets[0], []   # take it: the pass runs with e_j freed
+        with moved_to(ctx, e_j), ctx.bn.pass_(record=False):
+            del e_j
             return [self._backward(ctx, j)]
 
     def _backward(self, ctx: StepContext, j: int) -> torch.Tensor:

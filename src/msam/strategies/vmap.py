@@ -68,6 +68,7 @@ class VmapStrategy(Strategy):
                 w = ctx.backup[col]
                 rows = [torch.zeros_like(w) if e[col] is None else e[col] for e in offsets]
                 points[i] = torch.stack(rows) + w
+            offsets.clear()  # the stacked points hold what is needed
         losses, h = self._grads(ctx, idx, points, record=offsets is None)
         weights = torch.tensor([ctx.micro_batches[j][1] * ctx.grad_weight for j in idx],
                                dtype=torch.float64)
