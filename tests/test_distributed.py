@@ -53,6 +53,7 @@ def test_synchronized_equals_single_process_sam(equivalence):
     r0, r1 = equivalence
     res = r0["synchronized"]
     assert max(res["param_diff"]) < 1e-10, res["param_diff"]
+    assert res["tiny_grad_rel_err"] < 1e-9, res["tiny_grad_rel_err"]
     # local mode on the same data differs (it is mSAM with 2 perturbations, not SAM)
     assert res["local_vs_sam"] > 1e-6
     for r in (r0, r1):

@@ -32,6 +32,12 @@ from msam.distributed import (
     save_checkpoint,
 )
 
+from reference import (  # noqa: E402 - tests/ is on sys.path in the spawned workers too
+    reference_linear_bn_running_stats,
+    reference_msam_grad,
+    reference_msam_grad_bn,
+)
+
 WORLD = 2
 PG_TIMEOUT_S = 30
 JOIN_TIMEOUT_S = 120
@@ -173,6 +179,22 @@ def _bn_diff(a: nn.Module, b: nn.Module) -> float:
 # -- scenario: equivalence and communication counts --------------------------------------------
 
 
+def _reference_step(ref: nn.Module, ref_opt: torch.optim.Optimizer, batch: tuple, m: int,
+                    rho: float, bn: bool, loss_scale: float = 1.0) -> dict:
+    """One step of the independent reference (tests/reference.py) on the global batch."""
+    def loss_of(f, b):
+        return nn.functional.cross_entropy(f(b[0]), b[1]) * loss_scale
+
+    if bn:
+        grads = reference_msam_grad_bn(ref, loss_of, batch, m, rho)
+    else:
+        grads, _ = reference_msam_grad(ref, loss_of, batch, m, rho)
+    for n, p in ref.named_parameters():
+        p.grad = grads[n].clone()
+    ref_opt.step()
+    return grads
+
+
 def _local_vs_single(rank: int, world: int, base: str, steps: int = 3) -> dict:
     cls, kw = BASES[base]
     model = _mlp(0, bn=True)
@@ -180,23 +202,29 @@ def _local_vs_single(rank: int, world: int, base: str, steps: int = 3) -> dict:
     ddp = _ddp(model, counter)
     opt = DistributedMSAM(ddp, None, cls, rho=0.1, micro_batches=2, **kw)
     ref = _mlp(0, bn=True)
-    ref_opt = msam.MSAM(ref.parameters(), cls, rho=0.1, micro_batches=2 * world, **kw)
+    ref_opt = cls(ref.parameters(), **kw)
+    mean, var = ref[1].running_mean.clone(), ref[1].running_var.clone()
     diffs, calls = [], []
     for s in range(steps):
         batch = _global_batch(s)
         before = counter[0]
         opt.step(_loss_fn(ddp), _shard(batch, rank, world))
         calls.append(counter[0] - before)
-        ref_opt.step(_loss_fn(ref), batch)
+        mean, var = reference_linear_bn_running_stats(
+            ref[0].weight.detach(), ref[0].bias.detach(), batch[0], 2 * world, mean, var,
+            ref[1].momentum, s)
+        _reference_step(ref, ref_opt, batch, 2 * world, 0.1, bn=True)
         diffs.append(_max_diff(model, ref))
     # per-rank statistics differ; their average is the single-process statistics
-    mean = model[1].running_mean.clone()
-    gathered = [torch.zeros_like(mean) for _ in range(world)]
-    dist.all_gather(gathered, mean)
+    running = model[1].running_mean.clone()
+    gathered = [torch.zeros_like(running) for _ in range(world)]
+    dist.all_gather(gathered, running)
     spread = float((gathered[0] - gathered[1]).abs().max())
     average_batchnorm_buffers(ddp)
+    bn_diff = max(float((model[1].running_mean - mean).abs().max()),
+                  float((model[1].running_var - var).abs().max()))
     return {
-        "param_diff": diffs, "hook_calls_per_step": calls, "bn_diff": _bn_diff(model, ref),
+        "param_diff": diffs, "hook_calls_per_step": calls, "bn_diff": bn_diff,
         "bn_rank_spread": spread, "comm_counts": dict(opt.comm_counts),
         "global_micro_batches": opt.global_micro_batches,
         "params": [p.detach().clone() for p in model.parameters()],
@@ -210,7 +238,7 @@ def _synchronized(rank: int, world: int, steps: int = 3) -> dict:
     ddp = _ddp(model, counter)
     opt = DistributedMSAM(ddp, None, cls, rho=0.1, mode="synchronized", **kw)
     ref = _mlp(1)
-    ref_opt = msam.SAM(ref.parameters(), cls, rho=0.1, **kw)
+    ref_opt = cls(ref.parameters(), **kw)
     loc = _mlp(1)
     loc_ddp = _ddp(loc)
     loc_opt = DistributedMSAM(loc_ddp, None, cls, rho=0.1, **kw)
@@ -221,11 +249,25 @@ def _synchronized(rank: int, world: int, steps: int = 3) -> dict:
         opt.step(_loss_fn(ddp), _shard(batch, rank, world))
         calls.append(counter[0] - before)
         ascent.append(opt.comm_counts["ascent_allreduce"] - before_a)
-        ref_opt.step(_loss_fn(ref), batch)
+        _reference_step(ref, ref_opt, batch, 1, 0.1, bn=False)
         loc_opt.step(_loss_fn(loc_ddp), _shard(batch, rank, world))
         diffs.append(_max_diff(model, ref))
+    # Gradients as small as the perturbation's epsilon: the ascent all-reduce must average
+    # (a sum gives the same direction, so only the epsilon can tell them apart).
+    tiny = _mlp(1)
+    tiny_ddp = _ddp(tiny)
+    tiny_opt = DistributedMSAM(tiny_ddp, None, torch.optim.SGD, rho=0.1, mode="synchronized",
+                               lr=0.0)
+    tiny_ref = _mlp(1)
+    batch = _global_batch(0)
+    tiny_opt.step(lambda b: _loss_fn(tiny_ddp)(b) * 1e-12, _shard(batch, rank, world))
+    grads = _reference_step(tiny_ref, torch.optim.SGD(tiny_ref.parameters(), lr=0.0), batch, 1,
+                            0.1, bn=False, loss_scale=1e-12)
+    top = max(float(g.abs().max()) for g in grads.values())
+    tiny_err = max(float((p.grad - grads[n]).abs().max()) / top
+                   for n, p in tiny.named_parameters())
     return {"param_diff": diffs, "hook_calls_per_step": calls, "ascent_allreduce_per_step": ascent,
-            "local_vs_sam": _max_diff(loc, ref)}
+            "local_vs_sam": _max_diff(loc, ref), "tiny_grad_rel_err": tiny_err}
 
 
 def _accumulate(rank: int, world: int, steps: int = 2, k: int = 3) -> dict:

@@ -1,0 +1,95 @@
+"""Apply realistic single mutations to the core, one at a time, and check the suite kills each.
+
+    python scripts/mutants.py            # every mutant; prints a table (killed / SURVIVED)
+    python scripts/mutants.py eps_outside  # one mutant
+
+Each mutant is a text replacement in one source file; the named tests run against the mutated
+tree (the file is restored afterwards, whatever happens). A mutant is killed when at least one
+of its tests fails.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "msam"
+STRICT = "tests/test_reference_strict.py"
+MATRIX = "tests/test_optimizer_matrix.py"
+
+# name: (file, old, new, tests)
+MUTANTS = {
+    "eps_outside": ("core/perturbation.py", "(rho / (norm + EPS))", "(rho / norm + EPS)",
+                    [STRICT]),
+    "eps_bigger": ("core/perturbation.py", "EPS = 1e-12", "EPS = 1e-8", [STRICT]),
+    "weights_1_over_m": ("optim/engine.py", "[(mb, n_j / n) for mb, n_j in",
+                         "[(mb, 1.0 / self.num_micro_batches(n)) for mb, n_j in",
+                         [MATRIX, STRICT]),
+    "perturb_ignored": ("optim/msam.py",
+                        "perturb.append(self._perturb_ids is None or id(p) in self._perturb_ids)",
+                        "perturb.append(True)", [STRICT]),
+    "no_ascent_unscale": ("strategies/base.py", "        if self.loss_scale is None:\n"
+                          "            return grads\n", "        if True:\n            return grads\n",
+                          [STRICT]),
+    "no_ascent_norm_check": ("optim/engine.py",
+                             'flags.check(norm, "ascent", j, "gradient")', "pass", [STRICT]),
+    "no_final_grad_check": ("optim/engine.py",
+                            "flags.check_grads([p.grad for p in ctx.params])", "pass", [STRICT]),
+    "vmap_ignores_grad_weight": ("strategies/vmap.py",
+                                 "ctx.micro_batches[j][1] * ctx.grad_weight",
+                                 "ctx.micro_batches[j][1]", [STRICT]),
+    "loop_ignores_grad_weight": ("strategies/loop.py", "loss * (weight * ctx.grad_weight)",
+                                 "loss * weight", [STRICT]),
+    "accumulate_no_rollback": ("optim/engine.py", "            undo_grads()\n            raise",
+                               "            raise", [STRICT]),
+    "bn_stats_from_perturbed": ("strategies/loop.py",
+                                "ctx.bn.pass_(record=False):\n            del e_j",
+                                "ctx.bn.pass_(record=True):\n            del e_j", [STRICT]),
+    "bn_stats_from_perturbed_vmap": ("strategies/vmap.py", "record=offsets is None",
+                                     "record=True", [STRICT]),
+    "ddp_sync_sums": ("distributed/optimizer.py",
+                      "            flat.div_(self.world_size)\n            offset = 0\n"
+                      "            for i in idx:\n                n = full[i].numel()\n"
+                      "                out[i]",
+                      "            offset = 0\n            for i in idx:\n"
+                      "                n = full[i].numel()\n                out[i]",
+                      ["tests/test_distributed.py"]),
+    "restore_skipped": ("strategies/loop.py",
+                        "            torch._foreach_copy_(self.ctx.pert_params, self.ctx.backup)",
+                        "            pass", [MATRIX]),
+    "autocast_cache_kept": ("strategies/base.py", "    torch.clear_autocast_cache()",
+                            "    pass", ["tests/test_core_v2.py"]),
+}
+
+
+def run(name: str) -> bool:
+    file, old, new, tests = MUTANTS[name]
+    path = SRC / file
+    original = path.read_text()
+    if original.count(old) != 1:
+        raise SystemExit(f"{name}: pattern found {original.count(old)} times in {file}")
+    try:
+        path.write_text(original.replace(old, new))
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p",
+                               "no:cacheprovider", *tests], cwd=ROOT, capture_output=True,
+                              text=True)
+    finally:
+        path.write_text(original)
+    killed = proc.returncode != 0
+    failed = [ln.split(" ")[1] for ln in proc.stdout.splitlines() if ln.startswith("FAILED")]
+    print(f"| {name} | {file} | {'killed' if killed else 'SURVIVED'} | "
+          f"{failed[0] if failed else ''} |", flush=True)
+    return killed
+
+
+def main() -> int:
+    names = sys.argv[1:] or list(MUTANTS)
+    print("| mutant | file | result | first failing test |\n|---|---|---|---|")
+    results = [run(n) for n in names]
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
