@@ -30,9 +30,9 @@ MUTANTS = {
     "perturb_ignored": ("optim/msam.py",
                         "perturb.append(self._perturb_ids is None or id(p) in self._perturb_ids)",
                         "perturb.append(True)", [STRICT]),
-    "no_ascent_unscale": ("strategies/base.py", "        if self.loss_scale is None:\n"
-                          "            return grads\n", "        if True:\n            return grads\n",
-                          [STRICT]),
+    "no_ascent_unscale": ("strategies/base.py",
+                          "        if self.loss_scale is None:\n            return grads\n",
+                          "        if True:\n            return grads\n", [STRICT]),
     "no_ascent_norm_check": ("optim/engine.py",
                              'flags.check(norm, "ascent", j, "gradient")', "pass", [STRICT]),
     "no_final_grad_check": ("optim/engine.py",

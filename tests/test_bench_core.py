@@ -33,6 +33,29 @@ def test_perturbation_norm_of_half_does_not_overflow():
     assert float(perturbation_norm([g], [g])) == pytest.approx(60000.0 * 8 ** 0.5)
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_owned_perturbation_equals_out_of_place_even_with_aliasing(adaptive):
+    torch.manual_seed(1)
+    params = [torch.randn(5), torch.randn(5), torch.randn(2, 3), torch.randn(4), torch.randn(2)]
+    rhos = [0.1, 0.1, 0.1, 0.2, 0.1]
+    shared = torch.randn(5)
+    transposed = torch.randn(3, 2).t()      # like a Linear weight gradient from autograd.grad
+    expanded = torch.randn(1).expand(4)     # stride 0: must not be written
+    sliced = torch.randn(6)[:2]             # part of a bigger buffer: must not be written
+    grads = [shared, shared, transposed, expanded, sliced]
+    before = [g.clone() for g in grads]
+    ref, ref_norm = perturbation([g.clone() for g in grads], params, rhos, adaptive,
+                                 [0.01] * 5)
+    got, norm = perturbation(grads, params, rhos, adaptive, [0.01] * 5, owned=True)
+    assert torch.equal(norm, ref_norm)
+    for r, g in zip(ref, got):
+        assert torch.equal(r, g)
+    if not adaptive:
+        assert got[2] is transposed                   # written in place
+        assert (got[0] is shared) != (got[1] is shared)  # the shared tensor is written once
+    assert torch.equal(expanded, before[3]) and torch.equal(sliced, before[4])
+
+
 def test_perturbation_leaves_gradients_alone():
     g = torch.randn(4)
     keep = g.clone()

@@ -1,6 +1,8 @@
-"""One generic suite over variant x base optimizer x strategy (variants described as data).
+"""One generic suite over variant x base optimizer x runner (all described as data).
 
-Each cell trains a few steps with ``msam.MSAM`` and compares the parameters with an independent
+A runner is a way to take the step: the ``loop``, ``vmap`` and ``auto`` strategies, DDP's
+evaluator (``DistributedMSAM`` on a one-rank gloo group), ``step(closure)`` and the two-step API
+(both ``m = 1``). Each cell trains a few steps and compares the parameters with an independent
 reference: the reference mSAM gradient (``tests/reference.py``) handed to a fresh base optimizer.
 """
 
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("float64")
 class Variant:
     name: str
     kwargs: dict = field(default_factory=dict)
+    perturb: tuple[str, ...] | None = None    # parameter names for perturb= (SAM-ON style)
 
     @property
     def m(self) -> int:
@@ -37,6 +40,8 @@ VARIANTS = [
     Variant("msam_m4", {"rho": 0.1, "micro_batches": 4}),
     Variant("msam_size3", {"rho": 0.1, "micro_batch_size": 3}),
     Variant("asam_m2", {"rho": 0.5, "micro_batches": 2, "adaptive": True, "eta": 0.05}),
+    Variant("perturb_first_layer_m2", {"rho": 0.2, "micro_batches": 2}, perturb=("0.weight",
+                                                                                 "0.bias")),
 ]
 BASES = {
     "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}),
@@ -60,23 +65,112 @@ def _loss_of(f, b):
     return torch.nn.functional.cross_entropy(f(b[0]), b[1])
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("base", sorted(BASES))
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
-def test_matches_reference(variant, base, strategy):
+# -- runners: the ways to take an mSAM step, as data -------------------------------------------
+def _build(model, cls, variant, base_kwargs, **kw):
+    extra = dict(variant.kwargs)
+    if variant.perturb:
+        named = dict(model.named_parameters())
+        extra["perturb"] = [named[n] for n in variant.perturb]
+    return msam.MSAM(model.parameters(), cls, model=model, **kw, **extra, **base_kwargs)
+
+
+def _strategy_runner(strategy):
+    def make(model, cls, variant, base_kwargs):
+        opt = _build(model, cls, variant, base_kwargs, strategy=strategy)
+        return lambda batch: opt.step(lambda b: _loss_of(model, b), batch)
+    return make
+
+
+def _closure_runner(model, cls, variant, base_kwargs):
+    opt = _build(model, cls, variant, base_kwargs)
+
+    def step(batch):
+        def closure():
+            opt.zero_grad()
+            loss = _loss_of(model, batch)
+            loss.backward()
+            return loss
+        return opt.step(closure)
+    return step
+
+
+def _two_step_runner(model, cls, variant, base_kwargs):
+    opt = _build(model, cls, variant, base_kwargs)
+
+    def step(batch):
+        loss = _loss_of(model, batch)
+        loss.backward()
+        opt.first_step(zero_grad=True)
+        _loss_of(model, batch).backward()
+        opt.second_step(zero_grad=True)
+        return loss.detach()
+    return step
+
+
+def _ddp_runner(model, cls, variant, base_kwargs):
+    """DistributedMSAM around DDP on a one-rank gloo group (the DDP evaluator's schedule)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from msam.distributed import DistributedMSAM, ddp_kwargs
+
+    ddp = DDP(model, **ddp_kwargs())
+    extra = dict(variant.kwargs)
+    if variant.perturb:
+        named = dict(model.named_parameters())
+        extra["perturb"] = [named[n] for n in variant.perturb]
+    opt = DistributedMSAM(ddp, None, cls, **extra, **base_kwargs)
+    assert opt.engine.strategy.name == "ddp"
+    return lambda batch: opt.step(lambda b: _loss_of(ddp, b), batch)
+
+
+RUNNERS = {
+    "loop": _strategy_runner("loop"),
+    "vmap": _strategy_runner("vmap"),
+    "auto": _strategy_runner("auto"),
+    "ddp": _ddp_runner,
+    "closure": _closure_runner,        # m = 1 only
+    "two_step": _two_step_runner,      # m = 1 only
+}
+M1_ONLY = {"closure", "two_step"}
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _cells():
+    for v in VARIANTS:
+        for base in sorted(BASES):
+            for runner in RUNNERS:
+                if runner in M1_ONLY and v.m != 1:
+                    continue
+                yield pytest.param(v, base, runner, id=f"{v.name}-{base}-{runner}")
+
+
+@pytest.mark.parametrize("variant,base,runner", list(_cells()))
+def test_matches_reference(variant, base, runner, request):
+    if runner == "ddp":
+        request.getfixturevalue("one_rank_group")
     cls, base_kwargs = BASES[base]
     model = _make_model()
-    opt = msam.MSAM(model.parameters(), cls, strategy=strategy, model=model, **variant.kwargs,
-                    **base_kwargs)
+    step = RUNNERS[runner](model, cls, variant, base_kwargs)
     ref_model = _make_model()
     ref_opt = cls(ref_model.parameters(), **base_kwargs)
     rho = variant.kwargs["rho"]
-    for step in range(3):
-        batch = _data(step)
-        loss = opt.step(lambda b: _loss_of(model, b), batch)
+    for s in range(3):
+        batch = _data(s)
+        loss = step(batch)
         grads, ref_loss = reference_msam_grad(
             ref_model, _loss_of, batch, variant.m, rho,
-            adaptive=variant.kwargs.get("adaptive", False), eta=variant.kwargs.get("eta", 0.01))
+            adaptive=variant.kwargs.get("adaptive", False), eta=variant.kwargs.get("eta", 0.01),
+            perturb=variant.perturb)
         for n, p in ref_model.named_parameters():
             p.grad = grads[n]
         ref_opt.step()

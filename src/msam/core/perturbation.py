@@ -80,19 +80,54 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return stacked.pow(2).sum().sqrt()
 
 
+def _covers_its_storage(t: torch.Tensor) -> bool:
+    """``t`` reaches every element of its storage exactly once (dense and non-overlapping, e.g.
+    a contiguous or transposed tensor; not an expanded one, not a slice of a bigger buffer)."""
+    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return False
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _writable(g: torch.Tensor, seen: set[int]) -> bool:
+    """Whether a gradient handed over by its owner may hold ``e`` in place: it owns its whole
+    storage (autograd's transposed weight gradients do; an expanded tensor or a row of a stacked
+    buffer does not), shares no storage with an earlier one, and has no autograd history."""
+    if g.requires_grad or g.layout != torch.strided or g.numel() == 0 \
+            or not _covers_its_storage(g):
+        return False
+    ptr = g.untyped_storage().data_ptr()
+    if ptr in seen:
+        return False
+    seen.add(ptr)
+    return True
+
+
 def _scaled_by_norm(
-    directions: list[torch.Tensor], idx: list[int], groups: Sequence[Mapping[str, Any]],
-    norm: torch.Tensor,
+    directions: list[torch.Tensor], writable: list[bool], idx: list[int],
+    groups: Sequence[Mapping[str, Any]], norm: torch.Tensor,
 ) -> list[torch.Tensor]:
-    """``direction_i * rho_i / (norm + eps)``, one fused multiply per (rho, device, dtype)."""
+    """``direction_i * rho_i / (norm + eps)``, one fused multiply per (rho, device, dtype),
+    written into the direction where ``writable`` (after every out-of-place product, so no
+    entry reads a tensor that was already overwritten)."""
     out: list[torch.Tensor] = [torch.empty(0)] * len(directions)
-    buckets: dict[tuple[float, torch.device, torch.dtype], list[int]] = {}
+    buckets: dict[tuple[bool, float, torch.device, torch.dtype], list[int]] = {}
     for k, i in enumerate(idx):
         d = directions[k]
-        buckets.setdefault((float(groups[i]["rho"]), d.device, d.dtype), []).append(k)
-    for (rho, device, dtype), ks in buckets.items():
+        key = (writable[k], float(groups[i]["rho"]), d.device, d.dtype)
+        buckets.setdefault(key, []).append(k)
+    for (in_place, rho, device, dtype), ks in sorted(buckets.items(), key=lambda kv: kv[0][0]):
         scale = (rho / (norm + EPS)).to(device=device, dtype=dtype)
-        for k, e in zip(ks, torch._foreach_mul([directions[k] for k in ks], scale)):
+        tensors = [directions[k] for k in ks]
+        if in_place:
+            torch._foreach_mul_(tensors, scale)
+        else:
+            tensors = torch._foreach_mul(tensors, scale)
+        for k, e in zip(ks, tensors):
             out[k] = e
     return out
 
@@ -119,8 +154,11 @@ class PerturbationRule:
 
     @torch.no_grad()
     def __call__(self, grads: Tensors, params: Sequence[torch.Tensor],
-                 groups: Sequence[Mapping[str, Any]]) -> tuple[list[torch.Tensor | None],
-                                                                torch.Tensor]:
+                 groups: Sequence[Mapping[str, Any]], *, owned: bool = False
+                 ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+        """``owned=True``: the caller hands the gradients over and discards them, so ``e_i``
+        may be written into ``grads[i]`` where that is safe (saves one parameter-sized
+        buffer per micro-batch; the values are the same either way)."""
         idx = [i for i, g in enumerate(grads) if g is not None]
         out: list[torch.Tensor | None] = [None] * len(grads)
         if not idx:
@@ -129,7 +167,9 @@ class PerturbationRule:
         norm = global_norm([self.norm_terms(g, params[i], groups[i])
                             for i, g in zip(idx, present)])
         dirs = [self.direction(g, params[i], groups[i]) for i, g in zip(idx, present)]
-        for i, e in zip(idx, _scaled_by_norm(dirs, idx, groups, norm)):
+        seen: set[int] = set()
+        writable = [d is not g or (owned and _writable(g, seen)) for d, g in zip(dirs, present)]
+        for i, e in zip(idx, _scaled_by_norm(dirs, writable, idx, groups, norm)):
             out[i] = e
         return out, norm
 
@@ -200,9 +240,9 @@ def perturbation_norm(grads: Tensors, params: Sequence[torch.Tensor], adaptive: 
 
 
 def perturbation(grads: Tensors, params: Sequence[torch.Tensor], rhos: Sequence[float],
-                 adaptive: bool = False, etas: Sequence[float] | None = None
-                 ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+                 adaptive: bool = False, etas: Sequence[float] | None = None, *,
+                 owned: bool = False) -> tuple[list[torch.Tensor | None], torch.Tensor]:
     """Functional form of :class:`SAMRule` / :class:`ASAMRule` with per-parameter rho / eta."""
     etas = [0.01] * len(params) if etas is None else etas
     groups = [{"rho": r, "eta": e} for r, e in zip(rhos, etas)]
-    return (ASAMRule() if adaptive else SAMRule())(grads, params, groups)
+    return (ASAMRule() if adaptive else SAMRule())(grads, params, groups, owned=owned)

@@ -163,7 +163,7 @@ class GradientEngine:
             else:
                 losses, offsets = [], []
                 for j, (loss, g_j) in zip(idx, strategy.ascent(ctx, idx)):
-                    e_j, norm = self.rule(g_j, ctx.pert_params, groups)
+                    e_j, norm = self.rule(g_j, ctx.pert_params, groups, owned=True)
                     flags.check(loss, "ascent", j, "loss")
                     flags.check(norm, "ascent", j, "gradient")
                     losses.append(loss)

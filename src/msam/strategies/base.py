@@ -6,7 +6,8 @@ strategy only answers two questions for a chunk of micro-batches (``loop``: one 
 ``vmap``: all micro-batches of one size):
 
 * :meth:`Strategy.ascent`: the loss ``L_j(w)`` and the gradient ``g_j = grad L_j(w)`` of the
-  perturbed parameters, for each ``j`` in the chunk (BatchNorm statistics recorded);
+  perturbed parameters, for each ``j`` in the chunk (BatchNorm statistics recorded); the
+  gradients are handed over (the rule may write ``e_j`` into them);
 * :meth:`Strategy.descent`: add ``coef * sum_j (n_j / n) * grad L_j(w + e_j)`` to ``p.grad`` of
   every parameter (``coef`` = accumulation weight x loss scale) and return each ``L_j(w + e_j)``;
   with ``offsets=None`` the point is ``w`` itself and the statistics are recorded (``rho = 0``:
