@@ -178,6 +178,18 @@ class RunFiles:
                 "delete the run directory and train again") from None
         return data
 
+    def _settled(self) -> dict[str, Any]:
+        """The manifest with a killed writer's ``pending`` digests resolved: a file that
+        matches its pending digest was written (the digest is now its record); the others
+        keep their old record."""
+        manifest = self._load()
+        for name, entry in manifest["pending"].items():
+            path = self.dir / name
+            if path.is_file() and sha256_file(path) == (entry["sha256"], entry["size"]):
+                manifest["files"][name] = entry
+        manifest["pending"] = {}
+        return manifest
+
     def _save(self, manifest: dict[str, Any]) -> None:
         text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
         atomic_write(self.manifest_path, lambda f: f.write(text.encode("utf-8")))
@@ -189,7 +201,7 @@ class RunFiles:
         ``rotate=(src, dst)``: first move ``src`` (if it exists) to ``dst`` with its digest,
         e.g. ``("last.pt", "prev.pt")`` to keep the previous checkpoint.
         """
-        manifest = self._load()
+        manifest = self._settled()
         pending = {name: _entry(data) for name, data in files.items()}
         move = rotate is not None and (self.dir / rotate[0]).exists()
         if move:
@@ -231,7 +243,7 @@ class RunFiles:
 
     def forget(self, *names: str) -> None:
         """Delete files and their records (missing files are fine)."""
-        manifest = self._load()
+        manifest = self._settled()
         for name in names:
             with contextlib.suppress(FileNotFoundError):
                 (self.dir / name).unlink()
