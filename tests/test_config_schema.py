@@ -213,3 +213,12 @@ def test_config_json_round_trip_keeps_types():
     cfg = TrainConfig(lr="1e-3", epochs=3.0, optimizer="SAM")
     again = TrainConfig(**json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and again.lr == 1e-3 and again.epochs == 3 and cfg.optimizer == "sam"
+
+
+def test_docs_reference_table_is_generated_from_the_schema():
+    from pathlib import Path
+
+    from msam.training import config_reference
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    assert config_reference() in doc, "regenerate the table in docs/training.md"
