@@ -16,6 +16,7 @@ import torch
 from msam.data import ArrayDataset, DatasetSplits
 from msam.training import ConfigError, TrainConfig, load_checkpoint, train
 from msam.training.checkpoint import atomic_write_text, remove_stale_temp_files
+from msam.training.trainer import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 TIME_KEYS = ("epoch_time_s", "elapsed_s")
@@ -224,10 +225,11 @@ def test_nonfinite_skip(tmp_path):
                      nonfinite="skip", model="mlp", model_options={"hidden": [16]},
                      schedule="constant", warmup_epochs=0), quiet=True)
     assert res.final["skipped_steps"] >= 1
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(TrainingError, match=r"step \d+ \(epoch 1\) failed.*non-finite") as err:
         train(tiny(tmp_path, "raise", epochs=1, lr=1e30, momentum=0.0, weight_decay=0.0,
                    model="mlp", model_options={"hidden": [16]}, schedule="constant",
                    warmup_epochs=0), quiet=True)
+    assert isinstance(err.value.__cause__, FloatingPointError)
 
 
 def _fake_text_splits(n_train: int = 96, n_test: int = 40) -> DatasetSplits:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -223,9 +222,9 @@ def test_grid_errors_are_named(tmp_path):
 def test_config_reference_is_documented():
     table = config_reference()
     doc = (ROOT / "docs" / "training.md").read_text()
-    for f in dataclasses.fields(TrainConfig):
-        assert f"`{f.name}" in table
-        assert f"`{f.name}" in doc, f"docs/training.md does not mention {f.name}"
+    for name in TrainConfig.model_fields:
+        assert f"`{name}" in table
+        assert f"`{name}" in doc, f"docs/training.md does not mention {name}"
 
 
 def test_lr_schedules():

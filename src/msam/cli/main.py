@@ -8,8 +8,11 @@
     msam sharpness ...   (plug-in: msam.cli.sharpness)
     msam bench ...       (plug-in: msam.bench.cli)
 
-Exit codes: 0 success; 1 a run failed; 2 bad input (config file, key, value, argument, missing
-data), with a message that names it; 130 interrupted (resume with the same command).
+Exit codes: 0 success; 1 a run failed (a training step raised; the message says which, the
+traceback is in the run's error.txt); 2 bad input (config file, key, value, argument, missing or
+corrupted data, a run directory in use by another process, a corrupted checkpoint or result
+file, a finished run asked to resume), with a message that names it and no traceback; 130
+interrupted (resume with the same command).
 
 Plug-ins: a sub-command listed in :data:`PLUGINS` is served by a module with
 ``add_arguments(parser)`` and ``run(args) -> int | None``, imported only when that
@@ -70,7 +73,10 @@ def build_parser(plugin_name: str | None = None, plugin: ModuleType | None = Non
     p.add_argument("config", help="run config (.yaml, .toml or .json)")
     _add_overrides(p)
     p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/last.pt (starts fresh if there is none)")
+                   help="continue from OUT/last.pt (starts fresh if there is none); a finished "
+                        "run is left as it is")
+    p.add_argument("--rerun", action="store_true",
+                   help="discard the run OUT holds (finished or not) and train it from scratch")
     p.add_argument("--epochs", type=int, metavar="N", help="sets epochs")
     p.add_argument("--seed", type=int, metavar="N", help="sets seed")
     p.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (sets device)")
@@ -141,10 +147,12 @@ def _direct_overrides(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from msam.training import load_config, train
+    from msam.training import ConfigError, load_config, train
 
     cfg = load_config(args.config, [*args.overrides, *_direct_overrides(args)])
-    result = train(cfg, resume=args.resume, quiet=args.quiet)
+    if args.rerun and args.resume:
+        raise ConfigError("--resume and --rerun contradict each other; pass one of them")
+    result = train(cfg, resume=args.resume, rerun=args.rerun, quiet=args.quiet)
     final = result.final
     acc = final.get("test_acc")
     val = final.get("val_acc")
@@ -242,12 +250,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from msam.data import DatasetNotFoundError
     from msam.training import ConfigError
+    from msam.training.trainer import TrainingError
 
     try:
         code = args.func(args)
     except (ConfigError, DatasetNotFoundError) as err:
         _error(str(err))
         return EXIT_USAGE
+    except TrainingError as err:
+        _error(str(err))
+        return EXIT_FAILED
     except KeyboardInterrupt:
         _error("interrupted; run the same command again (train: with --resume) to continue "
                "from the last checkpoint")

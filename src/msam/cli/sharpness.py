@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from msam.analysis import format_table
+    from msam.training.checkpoint import atomic_write_text
     from msam.training.config import ConfigError
     from msam.training.measure import measure_checkpoint, resolve_checkpoint
 
@@ -54,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
             ckpt, metrics=metrics, examples=args.examples, batch_size=args.batch_size,
             seed=args.seed, rho=args.rho, m=args.m, options=options)
     except (FileNotFoundError, ValueError, ConfigError) as err:
-        print(f"msam sharpness: error: {err}", file=sys.stderr)
+        print(f"msam: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.json) if args.json else ckpt.parent / f"sharpness-{args.seed}.json"
-    out.write_text(json.dumps(result, indent=2, sort_keys=True))
+    atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True))
     print(format_table(result))
     print(f"examples: {result['examples']}  time: {time.perf_counter() - t0:.1f}s  json: {out}")
     return 0

@@ -4,7 +4,9 @@ Every file the trainer writes goes through :func:`atomic_write`: the content is 
 temporary file in the same directory, flushed and ``fsync``-ed, then moved over the target with
 ``os.replace`` (atomic on POSIX and Windows), and the directory entry is ``fsync``-ed. A process
 killed at any moment therefore leaves either the old file or the new one, never a torn one; at
-worst a stray ``.<name>.tmp-<pid>`` file, which :func:`remove_stale_temp_files` cleans up.
+worst a stray ``.<name>.tmp-<pid>`` file, which :func:`remove_stale_temp_files` cleans up once
+its writer is gone. Run directories add SHA-256 checksums and a lock on top
+(:mod:`msam.training.rundir`).
 
 Checkpoints are plain dicts saved with :func:`torch.save` and read back with
 ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, tuples and dicts only (the
@@ -33,9 +35,11 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "capture_rng_state",
+    "json_text",
     "load_checkpoint",
     "remove_stale_temp_files",
     "restore_rng_state",
+    "torch_bytes",
 ]
 
 CHECKPOINT_FORMAT = "msam-checkpoint"
@@ -80,9 +84,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` as indented JSON (paths, tensors and NumPy scalars converted)."""
+    return json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n"
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable)
-                             + "\n")
+    return atomic_write_text(path, json_text(obj))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -118,18 +126,45 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return ckpt
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    except OSError:  # pragma: no cover - e.g. Windows
+        return True
+    return True
+
+
 def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
-    """Delete ``.<name>.tmp-<pid>`` files left in ``directory`` by a killed writer."""
+    """Delete ``.<name>.tmp-<pid>`` files in ``directory`` whose writer is gone.
+
+    A temp file is removed only if its pid is this process's or no live process has it, so
+    a file another process is still writing is never touched.
+    """
     removed = []
     directory = Path(directory)
     if not directory.is_dir():
         return removed
     for p in directory.iterdir():
-        if p.name.startswith(".") and _TMP_MARK in p.name and p.is_file():
-            with contextlib.suppress(OSError):
-                p.unlink()
-                removed.append(p)
+        if not (p.name.startswith(".") and _TMP_MARK in p.name and p.is_file()):
+            continue
+        owner = p.name.rsplit(_TMP_MARK, 1)[1]
+        if owner.isdigit() and int(owner) != os.getpid() and _pid_alive(int(owner)):
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p)
     return removed
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save(obj)`` into memory."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def capture_rng_state() -> dict[str, Any]:

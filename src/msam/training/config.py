@@ -1,4 +1,4 @@
-"""Typed run and study configuration: dataclasses loaded from YAML / TOML / JSON plus overrides.
+"""Run and study configuration: one declarative pydantic schema, files and overrides.
 
 A run is described by one :class:`TrainConfig`; a study (a grid of runs) by a
 :class:`StudyConfig`, which is a ``TrainConfig`` plus the keys ``grid``, ``per_method`` and
@@ -12,23 +12,40 @@ A run is described by one :class:`TrainConfig`; a study (a grid of runs) by a
     optimizer: msam
     micro_batches: 4
 
+Every key's type, bounds and choices are declared once, on the fields of :class:`TrainConfig`
+and :class:`SharpnessConfig` (pydantic v2 models). Every number must be finite (``.inf`` and
+``.nan`` are refused), unknown keys are errors, and duplicate keys in a YAML or JSON file are
+errors. Checks that need several keys or a registry (model names, model options, the dataset
+list, sharpness metrics) are in :func:`validate`.
+
 Command-line overrides are ``key=value`` strings (``--set lr=0.05``, ``--set
 model_options.width=0.5``, ``--set grid.rho=[0.05,0.1]``). The value is parsed as YAML and then
 checked against the field type. Every problem raises :class:`ConfigError`, whose message names
-the key and where it came from (the file or the ``--set`` argument).
+the key, the value, and where it came from (the file or the ``--set`` argument).
 """
 
 from __future__ import annotations
 
+import contextvars
 import copy
-import dataclasses
 import json
-import math
 import types
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import annotated_types as at
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "METHODS",
@@ -69,103 +86,151 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the key and its source."""
 
 
-def _f(default: Any, doc: str, choices: tuple | None = None) -> Any:
-    meta = {"help": doc, "choices": choices}
-    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        factory = (lambda d=default: copy.deepcopy(d))
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+# -- field types -------------------------------------------------------------------------------
+
+def _not_bool(value: Any) -> Any:
+    # pydantic reads True as 1; a boolean where a number is expected is a mistake.
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_for_number", "a boolean is not a number")
+    return value
 
 
-@dataclass
-class SharpnessConfig:
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+#: A finite float (ints and strings such as ``"1e-3"`` are accepted, inf / NaN are not).
+Float = Annotated[float, AllowInfNan(False), BeforeValidator(_not_bool)]
+
+
+def _choice(*options: str) -> Any:
+    """A string that must be one of ``options`` (case-insensitive)."""
+    return Annotated[Literal[options], BeforeValidator(_lower)]  # type: ignore[valid-type]
+
+
+def _f(default: Any, doc: str, **bounds: Any) -> Any:
+    """A field with a help text; ``bounds`` are pydantic's ``ge`` / ``gt`` / ``le`` / ``lt``."""
+    if isinstance(default, (list, dict)):
+        return Field(default_factory=lambda d=default: copy.deepcopy(d), description=doc,
+                     **bounds)
+    if isinstance(default, type) and issubclass(default, BaseModel):
+        return Field(default_factory=default, description=doc)
+    return Field(default, description=doc, **bounds)
+
+
+def _opt(tp: Any, **bounds: Any) -> Any:
+    """``tp`` with bounds, or null."""
+    return Annotated[tp, Field(**bounds)] | None
+
+
+#: Set while pydantic validates, so that only the outermost construction converts errors.
+_VALIDATING: contextvars.ContextVar[bool] = contextvars.ContextVar("_VALIDATING", default=False)
+
+
+class _Schema(BaseModel):
+    """Shared behaviour: unknown keys are errors; construction errors are ConfigErrors."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=False)
+
+    def __init__(self, **data: Any) -> None:
+        if _VALIDATING.get():  # a nested model, or called by model_validate: plain pydantic
+            super().__init__(**data)
+            return
+        token = _VALIDATING.set(True)
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise _config_error(err, type(self), _constant("config")) from None
+        finally:
+            _VALIDATING.reset(token)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    def replace(self, **changes: Any) -> Any:
+        return type(self)(**{**self.model_dump(), **changes})
+
+
+class SharpnessConfig(_Schema):
     """Sharpness measured on the trained model (``msam.analysis.measure``); off when empty."""
 
     metrics: list[str] = _f([], "metrics of msam.analysis.measure, e.g. [lambda_max, "
                                 "m_sharpness]; [] = off")
-    examples: int = _f(2048, "training examples used (a fixed seeded subset)")
-    batch_size: int = _f(256, "batch size of the measurement batches")
-    rho: float | None = _f(None, "radius for m_sharpness (null: the run's rho, or 0.05)")
-    m: int | None = _f(None, "micro-batch size for m_sharpness (null: one batch)")
-    seed: int = _f(0, "seed of the measurement (subset, probes)")
+    examples: Int = _f(2048, "training examples used (a fixed seeded subset)", ge=1)
+    batch_size: Int = _f(256, "batch size of the measurement batches", ge=1)
+    rho: _opt(Float, ge=0) = _f(None, "radius for m_sharpness (null: the run's rho, or 0.05)")
+    m: _opt(Int, ge=1) = _f(None, "micro-batch size for m_sharpness (null: one batch)")
+    seed: Int = _f(0, "seed of the measurement (subset, probes)")
     options: dict[str, Any] = _f({}, "extra keyword arguments of measure (e.g. num_probes)")
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Schema):
     """Everything one training run needs. See ``docs/training.md`` for the full reference."""
 
     # data
     dataset: str = _f("fashion_mnist", "dataset name (msam.data.DATASETS)")
     data_dir: str | None = _f(None, "folder searched first for file-based datasets")
     download: bool = _f(False, "download Fashion-MNIST if not found")
-    train_subset: int | None = _f(None, "stratified subset of N training examples")
-    val_fraction: float = _f(0.1, "fraction of the training set held out for validation")
-    label_noise: float = _f(0.0, "symmetric label noise rate on train/val labels")
+    train_subset: _opt(Int, ge=2) = _f(None, "stratified subset of N training examples")
+    val_fraction: Float = _f(0.1, "fraction of the training set held out for validation",
+                             ge=0, lt=1)
+    label_noise: Float = _f(0.0, "symmetric label noise rate on train/val labels", ge=0, le=1)
     augment: bool = _f(False, "random crop + flip (images only)")
-    test_subset: int | None = _f(None, "evaluate on a fixed stratified test subset of N")
-    max_length: int = _f(64, "text: tokens per example (padded / truncated)")
-    min_freq: int = _f(1, "text, word tokenizer: minimum token count")
-    max_vocab: int | None = _f(30000, "text, word tokenizer: vocabulary size cap")
+    test_subset: _opt(Int, ge=1) = _f(None, "evaluate on a fixed stratified test subset of N")
+    max_length: Int = _f(64, "text: tokens per example (padded / truncated)", ge=1)
+    min_freq: Int = _f(1, "text, word tokenizer: minimum token count", ge=1)
+    max_vocab: _opt(Int, ge=2) = _f(30000, "text, word tokenizer: vocabulary size cap")
     # model
     model: str = _f("small_cnn", "model name (msam.models.MODELS)")
     model_options: dict[str, Any] = _f({}, "keyword options of build_model")
     # optimizer
-    optimizer: str = _f("msam", "method; sgd means the base optimizer alone (no SAM)", METHODS)
-    base: str = _f("sgd", "base optimizer", BASES)
-    rho: float = _f(0.05, "SAM neighbourhood radius (ignored by sgd)")
-    micro_batches: int = _f(4, "m for msam/asam (sgd and sam use 1)")
-    strategy: str = _f("loop", "mSAM execution strategy", STRATEGIES)
-    eta: float = _f(0.01, "ASAM offset")
-    lr: float = _f(0.1, "peak learning rate")
-    momentum: float = _f(0.9, "SGD momentum")
+    optimizer: _choice(*METHODS) = _f("msam", "method; sgd means the base optimizer alone "
+                                              "(no SAM)")
+    base: _choice(*BASES) = _f("sgd", "base optimizer")
+    rho: Float = _f(0.05, "SAM neighbourhood radius (ignored by sgd)", ge=0)
+    micro_batches: Int = _f(4, "m for msam/asam (sgd and sam use 1)", ge=1)
+    strategy: _choice(*STRATEGIES) = _f("loop", "mSAM execution strategy")
+    eta: Float = _f(0.01, "ASAM offset", gt=0)
+    lr: Float = _f(0.1, "peak learning rate", gt=0)
+    momentum: Float = _f(0.9, "SGD momentum", ge=0, lt=1)
     nesterov: bool = _f(False, "SGD Nesterov momentum")
-    weight_decay: float = _f(5e-4, "weight decay (coupled for sgd, decoupled for adamw)")
-    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
-    adam_eps: float = _f(1e-8, "AdamW epsilon")
-    max_grad_norm: float | None = _f(None, "clip the (averaged) gradient to this L2 norm")
-    nonfinite: str = _f("raise", "on an inf/NaN loss: raise, or skip the step", NONFINITE)
+    weight_decay: Float = _f(5e-4, "weight decay (coupled for sgd, decoupled for adamw)", ge=0)
+    betas: list[Annotated[Float, Field(ge=0, lt=1)]] = _f(
+        [0.9, 0.999], "AdamW betas", min_length=2, max_length=2)
+    adam_eps: Float = _f(1e-8, "AdamW epsilon", gt=0)
+    max_grad_norm: _opt(Float, gt=0) = _f(None, "clip the (averaged) gradient to this L2 norm")
+    nonfinite: _choice(*NONFINITE) = _f("raise", "on an inf/NaN loss: raise, or skip the step")
     # schedule
-    schedule: str = _f("cosine", "per-step learning-rate schedule", SCHEDULES)
-    warmup_epochs: float = _f(0.0, "linear warmup length in epochs (may be fractional)")
-    min_lr: float = _f(0.0, "cosine: final learning rate")
-    milestones: list[float] = _f([], "step: epochs at which lr *= gamma ([] = 50%, 75%)")
-    gamma: float = _f(0.1, "step: decay factor")
-    label_smoothing: float = _f(0.0, "label smoothing of the training loss")
+    schedule: _choice(*SCHEDULES) = _f("cosine", "per-step learning-rate schedule")
+    warmup_epochs: Float = _f(0.0, "linear warmup length in epochs (may be fractional)", ge=0)
+    min_lr: Float = _f(0.0, "cosine: final learning rate", ge=0)
+    milestones: list[Annotated[Float, Field(ge=0)]] = _f(
+        [], "step: epochs at which lr *= gamma ([] = 50%, 75%)")
+    gamma: Float = _f(0.1, "step: decay factor", gt=0, le=1)
+    label_smoothing: Float = _f(0.0, "label smoothing of the training loss", ge=0, lt=1)
     # loop
-    epochs: int = _f(10, "number of epochs")
-    batch_size: int = _f(128, "training batch size (split into micro-batches by msam)")
-    eval_batch_size: int = _f(512, "evaluation batch size")
+    epochs: Int = _f(10, "number of epochs", ge=1)
+    batch_size: Int = _f(128, "training batch size (split into micro-batches by msam)", ge=1)
+    eval_batch_size: Int = _f(512, "evaluation batch size", ge=1)
     drop_last: bool = _f(True, "drop the last incomplete training batch")
-    max_steps_per_epoch: int | None = _f(None, "cap on steps per epoch (quick runs)")
-    eval_every: int = _f(1, "evaluate val/test every N epochs (the last epoch always)")
+    max_steps_per_epoch: _opt(Int, ge=1) = _f(None, "cap on steps per epoch (quick runs)")
+    eval_every: Int = _f(1, "evaluate val/test every N epochs (the last epoch always)", ge=1)
     # run
-    seed: int = _f(0, "seed of data subset/split/noise, batch order, init, dropout")
+    seed: Int = _f(0, "seed of data subset/split/noise, batch order, init, dropout")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = _f("fp32", "autocast dtype; fp16 adds a GradScaler (CUDA only)",
-                        PRECISIONS)
+    precision: _choice(*PRECISIONS) = _f("fp32", "autocast dtype; fp16 adds a GradScaler "
+                                                 "(CUDA only)")
     deterministic: bool = _f(True, "torch.use_deterministic_algorithms(warn_only=True)")
-    threads: int | None = _f(None, "torch.set_num_threads for the run (null: unchanged)")
-    out_dir: str = _f("runs/train", "run directory (study: the study directory)")
+    threads: _opt(Int, ge=1) = _f(None, "torch.set_num_threads for the run (null: unchanged)")
+    out_dir: str = _f("runs/train", "run directory (study: the study directory)", min_length=1)
     progress: bool = _f(True, "tqdm progress bar (only shown on a terminal)")
     tensorboard: bool = _f(False, "also log to TensorBoard (skipped if not installed)")
-    sharpness: SharpnessConfig = _f(SharpnessConfig(), "sharpness after training")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.sharpness, Mapping):  # TrainConfig(sharpness={"metrics": [...]})
-            self.sharpness = _build(SharpnessConfig, self.sharpness, "sharpness.",
-                                    lambda _key: "config")
-
-    # -- helpers ----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
+    sharpness: SharpnessConfig = _f(SharpnessConfig, "sharpness after training")
 
     def resolved(self, source: str = "config") -> TrainConfig:
         """Validated copy with method rules applied (sgd: rho 0, m 1; sam: m 1)."""
-        cfg = copy.deepcopy(self)
+        cfg = _build(TrainConfig, self.model_dump(), _constant(source))
         validate(cfg, source)
         if cfg.optimizer == "sgd":
             cfg.rho, cfg.micro_batches = 0.0, 1
@@ -202,148 +267,159 @@ class StudyConfig:
         return out
 
 
-# -- type checking -----------------------------------------------------------------------------
+# -- pydantic errors -> messages ---------------------------------------------------------------
 
-def _hints(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
+def _constant(label: str) -> Callable[[str], str]:
+    return lambda _key: label
+
+
+def _unwrap(tp: Any) -> tuple[Any, list[Any]]:
+    """``Annotated[T, m1, m2]`` -> ``(T, [m1, m2])`` (nested Annotated flattened)."""
+    meta: list[Any] = []
+    while get_origin(tp) is Annotated:
+        args = get_args(tp)
+        tp, meta = args[0], [*args[1:], *meta]
+    return tp, meta
 
 
 def _type_name(tp: Any) -> str:
+    tp, _ = _unwrap(tp)
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is Literal:
+        return "str"
     if tp is type(None):
         return "null"
     if origin is list:
         return f"list of {_type_name(get_args(tp)[0])}"
-    if origin is dict:
-        return "mapping"
-    if dataclasses.is_dataclass(tp):
+    if origin is dict or (isinstance(tp, type) and issubclass(tp, BaseModel)):
         return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
-class _Mismatch(Exception):
-    pass
+def _bounds(meta: Iterable[Any]) -> str:
+    """``[Ge(0), Lt(1)]`` -> ``"in [0, 1)"``; ``[Gt(0)]`` -> ``"> 0"``; no bounds -> ``""``."""
+    lo = hi = None
+    for m in meta:
+        for item in (getattr(m, "metadata", None) or [m]):  # a FieldInfo holds its bounds
+            if isinstance(item, at.Ge):
+                lo = ("[", item.ge)
+            elif isinstance(item, at.Gt):
+                lo = ("(", item.gt)
+            elif isinstance(item, at.Le):
+                hi = ("]", item.le)
+            elif isinstance(item, at.Lt):
+                hi = (")", item.lt)
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
+    if hi:
+        return f"{'<=' if hi[0] == ']' else '<'} {hi[1]:g}"
+    return ""
 
 
-def _coerce(value: Any, tp: Any, key: str, where: Any) -> Any:
-    """Check ``value`` against ``tp`` and convert where lossless (int -> float, '1e-3')."""
-    if tp is Any:
-        return value
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _Mismatch
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key, where)
-            except _Mismatch:
-                continue
-        raise _Mismatch
-    if value is None:
-        raise _Mismatch
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
-            return value.strip().lower() in ("true", "yes")
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, bool):
-            raise _Mismatch
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                try:
-                    f = float(value.strip())
-                except ValueError:
-                    raise _Mismatch from None
-                if f.is_integer():
-                    return int(f)
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, bool):
-            raise _Mismatch
-        if isinstance(value, (int, float)):
-            out = float(value)
-        elif isinstance(value, str):
-            try:
-                out = float(value.strip())
-            except ValueError:
-                raise _Mismatch from None
-        else:
-            raise _Mismatch
-        if math.isnan(out):
-            raise _Mismatch
-        return out
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if origin is list:
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        (item,) = get_args(tp)
-        out_list = []
-        for i, v in enumerate(value):
-            try:
-                out_list.append(_coerce(v, item, f"{key}[{i}]", where))
-            except _Mismatch:
-                raise ConfigError(
-                    f"{where(key)}: key '{key}[{i}]' must be {_type_name(item)}, got {v!r}"
-                ) from None
-        return out_list
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise _Mismatch
-        bad = [k for k in value if not isinstance(k, str)]
-        if bad:
-            raise ConfigError(f"{where(key)}: key '{key}' has non-string key(s) {bad!r}")
-        return copy.deepcopy(dict(value))
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return copy.deepcopy(value)
-        if not isinstance(value, Mapping):
-            raise _Mismatch
-        return _build(tp, value, key + ".", where)
-    raise TypeError(f"unsupported config type {tp!r}")  # pragma: no cover - programming error
+def _rule(tp: Any, meta: list[Any]) -> str:
+    """What a value of this (annotated) type must be, e.g. ``a finite number in [0, 1)``."""
+    inner, more = _unwrap(tp)
+    meta = [*meta, *more]
+    nullable = False
+    if get_origin(inner) in (Union, types.UnionType):
+        args = [a for a in get_args(inner) if a is not type(None)]
+        nullable = len(args) < len(get_args(inner))
+        inner, more = _unwrap(args[0])
+        meta = [*meta, *more]
+    bounds = _bounds(meta)
+    if inner is float:
+        text = "a finite number" + (f" {bounds}" if bounds else "")
+    elif bounds:
+        text = bounds
+    else:
+        text = _type_name(inner)
+    return text + (" or null" if nullable else "")
 
 
-def _build(cls: type, raw: Mapping[str, Any], prefix: str, where: Any) -> Any:
-    hints = _hints(cls)
-    names = [f.name for f in fields(cls)]
-    unknown = [k for k in raw if k not in names]
-    if unknown:
-        k = unknown[0]
-        full = prefix + str(k)
-        hint = _suggest(str(k), names)
-        raise ConfigError(
-            f"{where(full)}: unknown key '{full}'{hint}; valid keys: {', '.join(names)}"
-        )
-    kwargs = {}
-    for name in names:
-        if name not in raw:
+def _locate(cls: type[BaseModel], loc: tuple) -> tuple[str, Any, list[Any], type | None]:
+    """Dotted key, annotation and metadata of the value at ``loc`` (and the model holding the
+    last named field, for unknown-key errors)."""
+    key, tp, meta, owner = "", cls, [], cls
+    for part in loc:
+        if part == "[key]":
+            break
+        inner, more = _unwrap(tp)
+        if get_origin(inner) in (Union, types.UnionType):
+            inner, more = _unwrap(next(a for a in get_args(inner) if a is not type(None)))
+        if isinstance(part, int):
+            key += f"[{part}]"
+            if get_origin(inner) is list:
+                tp, meta = get_args(inner)[0], []
             continue
-        full = prefix + name
-        try:
-            kwargs[name] = _coerce(raw[name], hints[name], full, where)
-        except _Mismatch:
-            raise ConfigError(
-                f"{where(full)}: key '{full}' must be {_type_name(hints[name])}, "
-                f"got {raw[name]!r}"
-            ) from None
-    return cls(**kwargs)
+        key = f"{key}.{part}" if key else str(part)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            owner = inner
+            info = inner.model_fields.get(str(part))
+            if info is None:
+                return key, Any, [], owner
+            tp, meta = info.annotation, list(info.metadata)
+        else:  # inside a free-form mapping (model_options)
+            tp, meta = Any, []
+    return key, tp, meta, owner
+
+
+_TYPE_ERRORS = ("_type", "_parsing", "int_from_float", "bool_for_number", "union_tag")
+
+
+def _problem(err: Mapping[str, Any], cls: type[BaseModel]) -> tuple[str, str]:
+    """``(dotted key, what is wrong)`` for one pydantic error."""
+    loc = tuple(err["loc"])
+    key, tp, meta, owner = _locate(cls, loc[:-2] if "[key]" in loc else loc)
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        names = list(owner.model_fields) if owner is not None else []
+        return key, (f"is an unknown key{_suggest(str(loc[-1]), names)}; valid keys: "
+                     f"{', '.join(names)}")
+    if "[key]" in loc:
+        return key, f"has a non-string key {value!r}"
+    if kind == "literal_error":
+        choices = ", ".join(map(str, get_args(_unwrap(tp)[0])))
+        return key, f"is {value!r}; choose one of {choices}"
+    if kind in ("too_short", "too_long"):
+        n = next((m.min_length for m in meta if getattr(m, "min_length", None)), None)
+        return key, f"must have {n} items, got {value!r}"
+    if kind == "finite_number":
+        return key, f"must be {_rule(tp, meta)}, got {value!r}"
+    if kind.endswith(_TYPE_ERRORS) or kind in _TYPE_ERRORS:
+        return key, f"must be {_type_name(tp)}, got {value!r}"
+    if kind.startswith(("greater_than", "less_than")) or kind == "string_too_short":
+        rule = _rule(tp, meta) if kind != "string_too_short" else "a non-empty string"
+        return key, f"must be {rule}, got {value!r}"
+    return key, f"{err.get('msg', kind)}, got {value!r}"  # pragma: no cover - other kinds
+
+
+def _config_error(err: ValidationError, cls: type[BaseModel],
+                  where: Callable[[str], str], prefix: str = "") -> ConfigError:
+    """The first problem of ``err`` as a ConfigError naming the key, value and source."""
+    errors = err.errors()
+    key, what = _problem(errors[0], cls)
+    key = prefix + key
+    if what.startswith("is an unknown key"):
+        text = f"{where(key)}: unknown key '{key}'{what[len('is an unknown key'):]}"
+    else:
+        text = f"{where(key)}: key '{key}' {what}"
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more problem(s))"
+    return ConfigError(text)
+
+
+def _build(cls: type[BaseModel], raw: Mapping[str, Any], where: Callable[[str], str]) -> Any:
+    token = _VALIDATING.set(True)
+    try:
+        return cls.model_validate(dict(raw))
+    except ValidationError as err:
+        raise _config_error(err, cls, where) from None
+    finally:
+        _VALIDATING.reset(token)
 
 
 def _suggest(key: str, names: Iterable[str]) -> str:
@@ -353,7 +429,24 @@ def _suggest(key: str, names: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-# -- validation --------------------------------------------------------------------------------
+def _value_checker(key: str) -> Callable[[Any], Any]:
+    """Validate one value of the training key ``key`` (grid values)."""
+    info = TrainConfig.model_fields[key]
+    tp = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    adapter = TypeAdapter(tp)
+
+    def check(value: Any) -> Any:
+        try:
+            return adapter.validate_python(value)
+        except ValidationError as err:
+            e = dict(err.errors()[0])
+            e["loc"] = (key, *e["loc"])
+            raise ConfigError(_problem(e, TrainConfig)[1]) from None
+
+    return check
+
+
+# -- cross-field validation --------------------------------------------------------------------
 
 def _check(cond: bool, where: Any, key: str, msg: str) -> None:
     if not cond:
@@ -365,9 +458,10 @@ def _at(where: Any, key: str) -> str:
 
 
 def validate(cfg: TrainConfig, where: Any = "config") -> None:
-    """Cross-field checks; raises :class:`ConfigError` naming the key.
+    """Checks that need several keys or a registry; raises :class:`ConfigError` naming the key.
 
-    ``where`` is the source label, or a function ``key -> label`` (file or ``--set``).
+    Types, bounds and choices are checked by the schema when ``cfg`` is built. ``where`` is
+    the source label, or a function ``key -> label`` (file or ``--set``).
     """
     from msam.data.loading import DATASETS, _canonical_name
 
@@ -376,15 +470,6 @@ def validate(cfg: TrainConfig, where: Any = "config") -> None:
     except ValueError:
         raise ConfigError(f"{_at(where, 'dataset')}: key 'dataset' is {cfg.dataset!r}; "
                           f"choose one of {', '.join(DATASETS)}") from None
-    for f in fields(cfg):
-        choices = f.metadata.get("choices")
-        if choices:
-            val = getattr(cfg, f.name)
-            if isinstance(val, str):
-                val = val.lower()
-                setattr(cfg, f.name, val)
-            _check(val in choices, where, f.name,
-                   f"is {getattr(cfg, f.name)!r}; choose one of {', '.join(choices)}")
     from msam.models import MODELS, is_text_model, model_options
 
     _check(cfg.model in MODELS, where, "model",
@@ -405,53 +490,19 @@ def validate(cfg: TrainConfig, where: Any = "config") -> None:
             f"{cfg.dataset!r} is {'text' if text_data else 'images'}"
         )
     _check(not (text_data and cfg.augment), where, "augment", "must be false for text data")
-    _check(cfg.train_subset is None or cfg.train_subset >= 2, where, "train_subset",
-           "must be >= 2 or null")
-    _check(cfg.test_subset is None or cfg.test_subset >= 1, where, "test_subset",
-           "must be >= 1 or null")
-    _check(0.0 <= cfg.val_fraction < 1.0, where, "val_fraction", "must be in [0, 1)")
-    _check(0.0 <= cfg.label_noise <= 1.0, where, "label_noise", "must be in [0, 1]")
-    _check(cfg.max_length >= 1, where, "max_length", "must be >= 1")
-    _check(cfg.min_freq >= 1, where, "min_freq", "must be >= 1")
-    _check(cfg.max_vocab is None or cfg.max_vocab >= 2, where, "max_vocab", "must be >= 2")
-    _check(math.isfinite(cfg.rho) and cfg.rho >= 0, where, "rho", "must be a finite number >= 0")
-    _check(cfg.micro_batches >= 1, where, "micro_batches", "must be >= 1")
-    _check(cfg.eta > 0, where, "eta", "must be > 0")
-    _check(math.isfinite(cfg.lr) and cfg.lr > 0, where, "lr", "must be a finite number > 0")
-    _check(0.0 <= cfg.momentum < 1.0, where, "momentum", "must be in [0, 1)")
     _check(not (cfg.nesterov and cfg.momentum == 0), where, "nesterov",
            "needs momentum > 0")
-    _check(cfg.weight_decay >= 0, where, "weight_decay", "must be >= 0")
-    _check(len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), where, "betas",
-           "must be two numbers in [0, 1)")
-    _check(cfg.adam_eps > 0, where, "adam_eps", "must be > 0")
-    _check(cfg.max_grad_norm is None or cfg.max_grad_norm > 0, where, "max_grad_norm",
-           "must be > 0 or null")
-    _check(cfg.epochs >= 1, where, "epochs", "must be >= 1")
-    _check(0 <= cfg.warmup_epochs <= cfg.epochs, where, "warmup_epochs",
-           f"must be in [0, epochs={cfg.epochs}]")
-    _check(0 <= cfg.min_lr <= cfg.lr, where, "min_lr", "must be in [0, lr]")
-    _check(all(m >= 0 for m in cfg.milestones), where, "milestones", "must be >= 0")
-    _check(0 < cfg.gamma <= 1, where, "gamma", "must be in (0, 1]")
-    _check(0 <= cfg.label_smoothing < 1, where, "label_smoothing", "must be in [0, 1)")
-    _check(cfg.batch_size >= 1, where, "batch_size", "must be >= 1")
-    _check(cfg.eval_batch_size >= 1, where, "eval_batch_size", "must be >= 1")
-    _check(cfg.max_steps_per_epoch is None or cfg.max_steps_per_epoch >= 1, where,
-           "max_steps_per_epoch", "must be >= 1 or null")
-    _check(cfg.eval_every >= 1, where, "eval_every", "must be >= 1")
+    _check(cfg.warmup_epochs <= cfg.epochs, where, "warmup_epochs",
+           f"must be in [0, epochs={cfg.epochs}], got {cfg.warmup_epochs:g}")
+    _check(cfg.min_lr <= cfg.lr, where, "min_lr", f"must be in [0, lr={cfg.lr:g}], "
+                                                  f"got {cfg.min_lr:g}")
     if cfg.optimizer in ("msam", "asam"):
         _check(cfg.micro_batches <= cfg.batch_size, where, "micro_batches",
                f"is {cfg.micro_batches}, more than batch_size={cfg.batch_size}")
     dev = cfg.device.lower()
     _check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
            where, "device", f"is {cfg.device!r}; use auto, cpu, cuda or cuda:N")
-    _check(cfg.threads is None or cfg.threads >= 1, where, "threads", "must be >= 1 or null")
-    _check(bool(cfg.out_dir), where, "out_dir", "must not be empty")
     s = cfg.sharpness
-    _check(s.examples >= 1, where, "sharpness.examples", "must be >= 1")
-    _check(s.batch_size >= 1, where, "sharpness.batch_size", "must be >= 1")
-    _check(s.m is None or s.m >= 1, where, "sharpness.m", "must be >= 1 or null")
-    _check(s.rho is None or s.rho >= 0, where, "sharpness.rho", "must be >= 0 or null")
     if s.metrics:
         try:
             from msam.analysis import AVAILABLE_METRICS
@@ -466,17 +517,30 @@ def validate(cfg: TrainConfig, where: Any = "config") -> None:
 # -- files and overrides -----------------------------------------------------------------------
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML (``.yaml``/``.yml``), TOML (``.toml``) or JSON (``.json``) mapping."""
+    """Parse a YAML (``.yaml``/``.yml``), TOML (``.toml``) or JSON (``.json``) mapping.
+
+    The file must be UTF-8 text; a key given twice in one mapping is an error.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give the path of a .yaml, "
+                          ".toml or .json file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    if suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(f"{path}: unknown config format {suffix!r}; use .yaml, .toml or "
+                          ".json")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the "
+                          "config as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
     try:
         if suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _load_yaml(text)
         elif suffix == ".toml":
             try:
                 import tomllib
@@ -486,14 +550,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
                 except ImportError:
                     raise ConfigError(f"{path}: TOML configs need Python 3.11+ or the "
                                       "package tomli (pip install tomli)") from None
-            data = tomllib.loads(text)
-        elif suffix == ".json":
-            data = json.loads(text)
+            data = tomllib.loads(text)  # TOML itself forbids duplicate keys
         else:
-            raise ConfigError(f"{path}: unknown config format {suffix!r}; use .yaml, .toml or "
-                              ".json")
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
     except ConfigError:
         raise
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: {err}; remove one of them") from None
     except Exception as err:  # parser errors: yaml.YAMLError, tomllib.TOMLDecodeError, ...
         raise ConfigError(f"{path}: cannot parse: {err}") from None
     if data is None:
@@ -502,6 +565,38 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got "
                           f"{type(data).__name__}")
     return data
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, Any] = {}
+            for key_node, _value in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} appears twice (line "
+                                        f"{seen[key].start_mark.line + 1} and line "
+                                        f"{key_node.start_mark.line + 1})")
+                seen[key] = key_node
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -577,7 +672,7 @@ def train_config_from_dict(
             f"{where(study_keys[0])}: key '{study_keys[0]}' belongs to a study config; run it "
             "with `msam study` (or remove the key)"
         )
-    cfg = _build(TrainConfig, raw, "", where)
+    cfg = _build(TrainConfig, raw, where)
     validate(cfg, where)
     return cfg
 
@@ -611,8 +706,7 @@ def study_from_dict(
         raise ConfigError(f"{where('name')}: key 'name' must be a non-empty string")
     if not isinstance(plots, bool):
         raise ConfigError(f"{where('plots')}: key 'plots' must be true or false")
-    train_keys = {f.name for f in fields(TrainConfig)}
-    hints = _hints(TrainConfig)
+    train_keys = set(TrainConfig.model_fields)
 
     def check_axes(axes: Any, prefix: str) -> dict[str, list[Any]]:
         if not isinstance(axes, Mapping):
@@ -630,17 +724,13 @@ def study_from_dict(
                 values = [values]
             if not values:
                 raise ConfigError(f"{where(full)}: key '{full}' has no values")
+            check = _value_checker(top) if "." not in str(key) else (lambda v: v)
             checked = []
             for i, v in enumerate(values):
-                if "." not in str(key):
-                    try:
-                        v = _coerce(v, hints[top], f"{full}[{i}]", where)
-                    except _Mismatch:
-                        raise ConfigError(
-                            f"{where(full)}: key '{full}[{i}]' must be "
-                            f"{_type_name(hints[top])}, got {v!r}"
-                        ) from None
-                checked.append(v)
+                try:
+                    checked.append(check(v))
+                except ConfigError as err:
+                    raise ConfigError(f"{where(full)}: key '{full}[{i}]' {err}") from None
             out[str(key)] = checked
         return out
 
@@ -721,23 +811,23 @@ def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") ->
 
 def config_reference() -> str:
     """The Markdown reference table of every key (used for ``docs/training.md``)."""
-    hints = _hints(TrainConfig)
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
-    def add(cls: type, prefix: str) -> None:
-        h = _hints(cls)
-        for f in fields(cls):
-            if dataclasses.is_dataclass(h[f.name]):
-                add(h[f.name], f"{prefix}{f.name}.")
+    def add(cls: type[BaseModel], prefix: str) -> None:
+        for name, info in cls.model_fields.items():
+            tp, _ = _unwrap(info.annotation)
+            if isinstance(tp, type) and issubclass(tp, BaseModel):
+                add(tp, f"{prefix}{name}.")
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            help_text = f.metadata.get("help", "")
-            choices = f.metadata.get("choices")
-            if choices:
-                help_text += f" ({' / '.join(choices)})"
-            rows.append(f"| `{prefix}{f.name}` | {_type_name(h[f.name])} | "
+            default = info.get_default(call_default_factory=True)
+            help_text = info.description or ""
+            if get_origin(tp) is Literal:
+                help_text += f" ({' / '.join(get_args(tp))})"
+            rule = _rule(info.annotation, list(info.metadata))
+            if rule != _type_name(info.annotation) and "null" != rule:
+                help_text += f"; must be {rule}"
+            rows.append(f"| `{prefix}{name}` | {_type_name(info.annotation)} | "
                         f"`{json.dumps(default)}` | {help_text} |")
 
-    del hints
     add(TrainConfig, "")
     return "\n".join(rows)

@@ -19,6 +19,7 @@ from msam.data import iterate_batches
 from msam.data._seeding import make_generator
 
 from .config import ConfigError, train_config_from_dict
+from .rundir import RunFiles
 
 __all__ = ["load_trained_model", "measure_checkpoint", "resolve_checkpoint"]
 
@@ -41,6 +42,10 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, Any, Any]:
     from .trainer import _build_model, _prepare_data
 
     ckpt_path = resolve_checkpoint(path)
+    other = "last.pt" if ckpt_path.name == "final.pt" else "final.pt"
+    hint = (f"; measure {ckpt_path.parent / other} instead, or train the run again"
+            if (ckpt_path.parent / other).is_file() else "; train the run again")
+    RunFiles(ckpt_path.parent).check(ckpt_path.name, hint)  # no-op outside a run directory
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -23,7 +23,9 @@ Layout (``out_dir``)::
     curves.png          validation accuracy and training loss per epoch, one line per cell
 
 Resumable: a run whose ``done.json`` exists is not run again (its config must match); an
-interrupted run resumes from its ``last.pt``.
+interrupted run resumes from its ``last.pt``. Each run is trained under its directory's lock
+(:mod:`msam.training.rundir`), so two study processes on one directory share the runs out: a
+run locked by the other process is skipped, and waited for at the end.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import math
 import os
 import platform
@@ -55,7 +56,8 @@ from .config import (
     config_diff,
     train_config_from_dict,
 )
-from .trainer import RunResult, is_finished, train
+from .rundir import RunFiles, RunLockedError, run_lock
+from .trainer import RunResult, is_finished, read_done, train
 
 __all__ = ["StudyRun", "export_study", "expand_grid", "load_runs", "run_study", "select_cells",
            "summarize"]
@@ -95,7 +97,8 @@ def _fmt_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
-        return f"{v:g}"
+        short = f"{v:g}"  # 0.05, 1e-05, 1 (the names studies have always used) ...
+        return short if float(short) == v else repr(v)  # ... unless it rounds: 0.1000001
     if isinstance(v, (list, tuple)):
         return "-".join(_fmt_value(x) for x in v)
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(v)).strip("-") or "x"
@@ -132,7 +135,7 @@ def expand_grid(study: StudyConfig) -> list[StudyRun]:
     methods = list(grid.pop("optimizer", [base.optimizer]))
     seeds = list(grid.pop("seed", [base.seed]))
     runs: list[StudyRun] = []
-    seen: set[str] = set()
+    seen: dict[str, StudyRun] = {}
     for method in dict.fromkeys(methods):
         own = dict(study.per_method.get(method, {}))
         seeds_m = list(own.pop("seed", seeds))
@@ -151,18 +154,51 @@ def expand_grid(study: StudyConfig) -> list[StudyRun]:
             )
             for seed in seeds_m:
                 name = _run_name(actual, cell, seed)
-                if name in seen:
-                    continue
-                seen.add(name)
                 overrides = [("optimizer", actual), ("seed", seed)]
                 overrides += [(k, v) for k, v in cell if k != "optimizer"]
                 raw, sources = apply_overrides(study.raw, overrides)
                 sources = {k: f"grid value {k}={v!r} (run {name})" for k, v in overrides}
                 cfg = train_config_from_dict(raw, study.source, sources)
                 cfg = cfg.replace(out_dir=str(Path(base.out_dir) / "runs" / name)).resolved()
-                runs.append(StudyRun(name=name, method=actual, cell=cell, seed=seed,
-                                     config=cfg))
+                if name in seen:  # the same run reached twice (e.g. msam m=1 is sam): once
+                    diff = config_diff(seen[name].config.to_dict(), cfg.to_dict())
+                    if diff:
+                        raise ConfigError(
+                            f"{study.source}: grid values {_cell_label(seen[name].cell)!r} and "
+                            f"{_cell_label(cell)!r} give runs that differ in {', '.join(diff)} "
+                            f"but share the run name {name!r}; make the values distinct")
+                    continue
+                run = StudyRun(name=name, method=actual, cell=cell, seed=seed, config=cfg)
+                seen[name] = run
+                runs.append(run)
     return runs
+
+
+def _run_one(run: StudyRun, prefix: str, quiet: bool, printer: Callable[[str], None]) -> None:
+    """Skip (finished), resume or train one run; the caller holds the run's lock."""
+    run_dir = Path(run.config.out_dir)
+    done = run_dir / "done.json"
+    if done.exists():
+        _check_matches(run, read_done(run_dir)["config"])  # a corrupted record: named error
+        if is_finished(run_dir, run.config):
+            run.result = RunResult.from_dir(run_dir)
+            run.status = "done"
+            if not quiet:
+                printer(f"{prefix}finished earlier; skipped")
+            return
+    try:
+        started = (run_dir / "last.pt").exists() or (run_dir / "prev.pt").exists() \
+            or done.exists()
+        run.result = train(run.config, resume=started, quiet=quiet, log_prefix=prefix)
+        run.status = "done"
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # one failed run must not lose the others
+        run.status = "failed"
+        run.error = f"{type(err).__name__}: {err}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        RunFiles(run_dir).write_text("error.txt", traceback.format_exc())
+        printer(f"{prefix}FAILED: {run.error} (traceback in {run_dir / 'error.txt'})")
 
 
 def _check_matches(run: StudyRun, done_config: dict[str, Any]) -> None:
@@ -201,36 +237,23 @@ def run_study(
     t_start = time.perf_counter()
     # Seeds outermost: an interrupted or still-running study has every cell at seed 0 first.
     order = sorted(runs, key=lambda r: r.seed)
+    busy: list[tuple[int, StudyRun]] = []
     for i, run in enumerate(order, 1):
-        run_dir = Path(run.config.out_dir)
-        done = run_dir / "done.json"
         prefix = f"[{i}/{len(runs)} {run.name}] "
-        if done.exists():
-            try:
-                info = json.loads(done.read_text())
-            except (OSError, json.JSONDecodeError):
-                info = {}
-            _check_matches(run, info.get("config", {}))
-            if is_finished(run_dir, run.config):
-                run.result = RunResult.from_dir(run_dir)
-                run.status = "done"
-                if not quiet:
-                    printer(f"{prefix}finished earlier; skipped")
-                continue
         try:
-            started = (run_dir / "last.pt").exists() or done.exists()
-            run.result = train(run.config, resume=started, quiet=quiet, log_prefix=prefix)
-            run.status = "done"
-            if i < len(order):  # partial results stay readable while the study runs
-                _summarize_quietly(study, runs, root, printer)
-        except (ConfigError, KeyboardInterrupt):
-            raise
-        except Exception as err:  # one failed run must not lose the others
-            run.status = "failed"
-            run.error = f"{type(err).__name__}: {err}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "error.txt", traceback.format_exc())
-            printer(f"{prefix}FAILED: {run.error} (traceback in {run_dir / 'error.txt'})")
+            with run_lock(run.config.out_dir):
+                _run_one(run, prefix, quiet, printer)
+        except RunLockedError:  # another study process trains it: take the next one
+            busy.append((i, run))
+            if not quiet:
+                printer(f"{prefix}being trained by another process; taking the next run")
+            continue
+        if run.status == "done" and i < len(order):  # partial results stay readable
+            _summarize_quietly(study, runs, root, printer)
+    for i, run in busy:  # wait for the other process, then use (or finish) its result
+        prefix = f"[{i}/{len(runs)} {run.name}] "
+        with run_lock(run.config.out_dir, wait=True):
+            _run_one(run, prefix, quiet, printer)
     summary = summarize(study, runs, root)
     elapsed = time.perf_counter() - t_start
     printer("")

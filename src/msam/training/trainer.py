@@ -49,24 +49,29 @@ from msam.data.splits import stratified_split
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
-    atomic_save_torch,
-    atomic_write_json,
-    atomic_write_text,
     capture_rng_state,
+    json_text,
     load_checkpoint,
     remove_stale_temp_files,
     restore_rng_state,
+    torch_bytes,
 )
 from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_diff
+from .rundir import IntegrityError, RunDirError, RunFiles, run_lock
 from .schedule import lr_factor_fn
 
-__all__ = ["METRIC_COLUMNS", "RunResult", "build_optimizer", "evaluate", "is_finished", "train"]
+__all__ = ["METRIC_COLUMNS", "RunResult", "TrainingError", "build_optimizer", "evaluate",
+           "is_finished", "train"]
 
 METRIC_COLUMNS = (
     "epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
     "test_acc", "skipped_steps", "epoch_time_s", "elapsed_s",
 )
 TIME_COLUMNS = ("epoch_time_s", "elapsed_s")
+
+
+class TrainingError(RuntimeError):
+    """A training step failed; the run directory keeps its last good checkpoint."""
 
 
 @dataclass
@@ -95,9 +100,15 @@ class RunResult:
         from .config import train_config_from_dict
 
         run_dir = Path(run_dir)
-        done = json.loads((run_dir / "done.json").read_text())
-        history = [json.loads(line) for line in
-                   (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        files = RunFiles(run_dir)
+        done = read_done(run_dir)
+        files.check("metrics.jsonl", _FIX_RESULT)
+        try:
+            history = [json.loads(line) for line in
+                       (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise IntegrityError(f"{run_dir / 'metrics.jsonl'} cannot be read ({err})"
+                                 f"{_FIX_RESULT}") from None
         cfg = train_config_from_dict(done["config"], str(run_dir / "done.json"))
         return cls(run_dir=run_dir, config=cfg, history=history, completed=True,
                    train_time_s=float(done.get("train_time_s", 0.0)),
@@ -175,20 +186,31 @@ def _prepare_data(cfg: TrainConfig, device: torch.device,
 
 # -- model / optimizer -------------------------------------------------------------------------
 
+_FIX_RESULT = ("; delete the run directory and train it again (or, if last.pt is intact, "
+               "delete done.json and run with --resume to rebuild the results)")
+
+
+def read_done(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """``RUN/done.json``, verified against its checksum and parsed.
+
+    Raises :class:`~msam.training.rundir.IntegrityError` naming the file if it is corrupted or
+    truncated (a finished run's record is never silently ignored or overwritten).
+    """
+    done = RunFiles(run_dir).read_json("done.json", _FIX_RESULT)
+    if not isinstance(done, dict) or not isinstance(done.get("config"), dict):
+        raise IntegrityError(f"{Path(run_dir) / 'done.json'} is not a finished-run record "
+                             f"(no 'config' mapping){_FIX_RESULT}")
+    return done
+
+
 def is_finished(run_dir: str | os.PathLike, cfg: TrainConfig) -> bool:
     """Whether ``run_dir`` holds a finished run of ``cfg.epochs`` epochs whose sharpness
     measurement (if any) used the metrics ``cfg`` asks for. A run finished with fewer epochs or
     other metrics is continued by ``train(cfg, resume=True)`` (which, with nothing left to
     train, only measures)."""
-    import json
-
-    path = Path(run_dir) / "done.json"
-    if not path.is_file():
+    if not (Path(run_dir) / "done.json").is_file():
         return False
-    try:
-        done = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
+    done = read_done(run_dir)
     return (int(done.get("epochs", -1)) == cfg.epochs
             and list(done.get("sharpness_metrics") or []) == list(cfg.sharpness.metrics))
 
@@ -344,28 +366,38 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+def _json_bytes(obj: Any) -> bytes:
+    return json_text(obj).encode("utf-8")
+
+
+def _metrics_files(history: list[dict[str, Any]]) -> dict[str, bytes]:
+    """``metrics.jsonl`` and ``metrics.csv`` for ``history``."""
     import json
 
-    atomic_write_text(run_dir / "metrics.jsonl",
-                      "".join(json.dumps(row) + "\n" for row in history))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore",
                             lineterminator="\n")
     writer.writeheader()
     for row in history:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
-    atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
+    return {"metrics.jsonl": "".join(json.dumps(row) + "\n" for row in history).encode(),
+            "metrics.csv": buf.getvalue().encode()}
 
 
-def _write_config(run_dir: Path, cfg: TrainConfig) -> None:
+def _config_files(cfg: TrainConfig) -> dict[str, bytes]:
     d = cfg.to_dict()
-    atomic_write_json(run_dir / "config.json", d)
+    out = {"config.json": _json_bytes(d)}
     try:
         import yaml
     except ImportError:  # pragma: no cover - pyyaml is an optional dependency
-        return
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(d, sort_keys=False))
+        return out
+    out["config.yaml"] = yaml.safe_dump(d, sort_keys=False).encode("utf-8")
+    return out
+
+
+#: What a run writes (besides the lock and checksums.json); ``rerun`` deletes these.
+RUN_FILES = ("last.pt", "prev.pt", "final.pt", "done.json", "metrics.jsonl", "metrics.csv",
+             "sharpness.json", "config.json", "config.yaml", "run_info.json", "error.txt")
 
 
 class _TensorBoard:
@@ -440,7 +472,7 @@ def _measure_sharpness(cfg: TrainConfig, model: nn.Module, data: _Data, run_dir:
         raise ConfigError(f"config: key 'sharpness.options': {err}") from err
     result = dict(result)
     result["examples"] = n
-    atomic_write_json(run_dir / "sharpness.json", result)
+    RunFiles(run_dir).write({"sharpness.json": _json_bytes(result)})
     head = _headline(result)
     log("sharpness: " + ", ".join(f"{k}={v:.4g}" for k, v in head.items() if k != "examples")
         + f" ({time.perf_counter() - t0:.1f}s)")
@@ -459,6 +491,7 @@ def train(
     config: TrainConfig,
     *,
     resume: bool = False,
+    rerun: bool = False,
     quiet: bool = False,
     stop_after_epochs: int | None = None,
     log_prefix: str = "",
@@ -467,8 +500,11 @@ def train(
 
     Args:
         config: the run's configuration (validated and resolved here).
-        resume: continue from ``out_dir/last.pt`` if it exists (otherwise start fresh). Without
-            it, an ``out_dir`` that already holds a run is an error.
+        resume: continue from ``out_dir/last.pt`` (verified against its checksum; a corrupted
+            one falls back to ``prev.pt``) if it exists, otherwise start fresh. Without it, an
+            ``out_dir`` that already holds a run is an error. A finished run is returned as it
+            is (or extended, if ``epochs`` grew); one whose checkpoint is gone is refused.
+        rerun: discard whatever run ``out_dir`` holds, finished or not, and train from scratch.
         quiet: no per-epoch log lines (the progress bar follows ``config.progress``).
         stop_after_epochs: return after this many epochs *of this call* (for tests / time
             slicing); the run stays resumable.
@@ -476,58 +512,130 @@ def train(
 
     Returns:
         a :class:`RunResult`; ``completed`` is True when ``epochs`` epochs are done.
+
+    Raises:
+        ConfigError: bad config, or a run directory that cannot be used as asked:
+            :class:`~msam.training.rundir.RunLockedError` (another process writes it),
+            :class:`~msam.training.rundir.IntegrityError` (a corrupted file), or a finished run.
+        TrainingError: a training step failed; the last checkpoint is kept.
     """
     cfg = config.resolved()
     run_dir = Path(cfg.out_dir)
-    ckpt_path = run_dir / "last.pt"
-    done_path = run_dir / "done.json"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"config: key 'out_dir' is {cfg.out_dir!r}, which is a file, not a "
+                          "directory; choose another out_dir")
+    device = _resolve_device(cfg)
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("config: key 'precision' fp16 needs a CUDA device; use bf16 or fp32")
 
     def log(msg: str) -> None:
         if not quiet:
             print(f"{log_prefix}{msg}", flush=True)
 
-    existing = ckpt_path.exists() or done_path.exists()
-    if existing and not resume:
-        raise ConfigError(f"out_dir {str(run_dir)!r} already holds a run (last.pt); pass "
-                          "--resume (resume=True) to continue it, or choose another out_dir")
-    device = _resolve_device(cfg)
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise ConfigError("config: key 'precision' fp16 needs a CUDA device; use bf16 or fp32")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(run_dir)
+    with run_lock(run_dir):
+        remove_stale_temp_files(run_dir)
+        files = RunFiles(run_dir)
+        ckpt = _open_run(cfg, run_dir, files, device, resume, rerun, log)
+        if isinstance(ckpt, RunResult):
+            return ckpt
+        with _runtime(cfg, device), warnings.catch_warnings():
+            # Harmless when the very first step is skipped (non-finite loss, GradScaler
+            # overflow).
+            warnings.filterwarnings("ignore",
+                                    message=r"Detected call of `lr_scheduler\.step\(\)`")
+            return _train(cfg, run_dir, files, device, ckpt, log, stop_after_epochs)
 
-    ckpt = None
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        changed = [k for k in config_diff(ckpt["config"], cfg.to_dict())
-                   if k.split(".")[0] not in RESUMABLE_CHANGES]
-        if changed:
-            raise ConfigError(
-                f"cannot resume {str(ckpt_path)!r}: the config differs in "
-                f"{', '.join(changed)} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change); "
-                "start a new out_dir instead"
-            )
-        if int(ckpt["epoch"]) > cfg.epochs:
-            raise ConfigError(f"config: key 'epochs' is {cfg.epochs} but the checkpoint in "
-                              f"{str(run_dir)!r} already has {ckpt['epoch']} epochs")
-        if int(ckpt["epoch"]) == cfg.epochs and is_finished(run_dir, cfg):
-            log(f"{run_dir}: already finished ({cfg.epochs} epochs)")
-            return RunResult.from_dir(run_dir)
-    elif resume:
+
+def _open_run(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.device,
+              resume: bool, rerun: bool, log: Callable[[str], None]) -> dict | RunResult | None:
+    """What to start from: a checkpoint dict, None (from scratch), or a finished result."""
+    ckpt_path, done_path = run_dir / "last.pt", run_dir / "done.json"
+    checkpoints = [p for p in (ckpt_path, run_dir / "prev.pt") if p.exists()]
+    finished = done_path.exists()
+    if rerun:
+        if checkpoints or finished:
+            log(f"{run_dir}: --rerun: discarding the run it holds")
+        files.forget(*RUN_FILES)
+        return None
+    if (checkpoints or finished) and not resume:
+        what = "a finished run (done.json)" if finished else "an unfinished run (last.pt)"
+        raise RunDirError(f"out_dir {str(run_dir)!r} already holds a run: {what}; pass --resume "
+                          "(resume=True) to continue it, --rerun (rerun=True) to train it again "
+                          "from scratch, or choose another out_dir")
+    if not resume:
+        return None
+    ckpt = _load_verified_checkpoint(run_dir, files, device, log)
+    if ckpt is None:
+        if finished:
+            raise RunDirError(
+                f"{run_dir} holds a finished run (done.json) but no checkpoint (last.pt was "
+                "deleted), so it cannot be resumed or extended; its results are kept as they "
+                "are. Pass --rerun (rerun=True) to train it again from scratch")
         log(f"{run_dir}: no checkpoint, starting from scratch")
-    if done_path.exists():
-        done_path.unlink()  # the run is being extended or restarted: not finished any more
+        return None
+    changed = [k for k in config_diff(ckpt["config"], cfg.to_dict())
+               if k.split(".")[0] not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(
+            f"cannot resume {str(ckpt_path)!r}: the config differs in "
+            f"{', '.join(changed)} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change); "
+            "start a new out_dir instead"
+        )
+    if int(ckpt["epoch"]) > cfg.epochs:
+        raise ConfigError(f"config: key 'epochs' is {cfg.epochs} but the checkpoint in "
+                          f"{str(run_dir)!r} already has {ckpt['epoch']} epochs")
+    if finished and int(ckpt["epoch"]) == cfg.epochs and is_finished(run_dir, cfg):
+        log(f"{run_dir}: already finished ({cfg.epochs} epochs)")
+        return RunResult.from_dir(run_dir)
+    if finished:
+        read_done(run_dir)  # a corrupted record is reported, not silently replaced
+        files.forget("done.json")  # extended or re-measured: not finished until rewritten
+    return ckpt
 
-    with _runtime(cfg, device), warnings.catch_warnings():
-        # Harmless when the very first step is skipped (non-finite loss, GradScaler overflow).
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-        return _train(cfg, run_dir, device, ckpt, log, stop_after_epochs)
+
+def _load_verified_checkpoint(run_dir: Path, files: RunFiles, device: torch.device,
+                              log: Callable[[str], None]) -> dict | None:
+    """``last.pt`` if it matches its checksum, else ``prev.pt``; None if there is neither.
+
+    Raises :class:`IntegrityError` when checkpoints exist but none is intact.
+    """
+    problems = []
+    for name in ("last.pt", "prev.pt"):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        if files.verify(name) is False:
+            problems.append(f"{path} does not match its SHA-256 in {files.manifest_path}")
+            continue
+        try:
+            ckpt = load_checkpoint(path, map_location=device)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            log(f"WARNING: {'; '.join(problems)}; resuming from {name} (epoch {ckpt['epoch']}) "
+                "instead")
+            if name != "last.pt" and (run_dir / "last.pt").exists():
+                bad = run_dir / "last.pt.corrupt"
+                os.replace(run_dir / "last.pt", bad)  # kept for inspection, never loaded
+                files.forget("last.pt")
+                log(f"the corrupted checkpoint was moved to {bad}")
+        return ckpt
+    if problems:
+        raise IntegrityError(
+            f"cannot resume {run_dir}: {'; '.join(problems)}. The checkpoint is corrupted and "
+            "no intact one is left; nothing was changed. Restore the file from a backup, or "
+            "pass --rerun (rerun=True) to train the run again from scratch")
+    return None
 
 
-def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, ckpt: dict | None,
-           log: Callable[[str], None], stop_after_epochs: int | None) -> RunResult:
-    ckpt_path = run_dir / "last.pt"
-    data = _prepare_data(cfg, device, None if ckpt is None else ckpt.get("tokenizer"))
+def _train(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.device,
+           ckpt: dict | None, log: Callable[[str], None],
+           stop_after_epochs: int | None) -> RunResult:
+    try:
+        data = _prepare_data(cfg, device, None if ckpt is None else ckpt.get("tokenizer"))
+    except ValueError as err:  # bad data files, or a subset / split the data cannot give
+        raise ConfigError(f"config: dataset {cfg.dataset!r}: {err}") from None
     steps_per_epoch = num_batches(data.train, cfg.batch_size, cfg.drop_last)
     if cfg.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -579,11 +687,11 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, ckpt: dict | N
         "steps_per_epoch": steps_per_epoch, "sizes": data.meta["sizes"],
         "label_noise": data.meta.get("label_noise"), "threads": torch.get_num_threads(),
     }
-    _write_config(run_dir, cfg)
-    atomic_write_json(run_dir / "run_info.json", info)
-    if ckpt is not None:
-        _write_metrics(run_dir, history)  # drop rows of an epoch the checkpoint does not hold
-    else:
+    start_files = {**_config_files(cfg), "run_info.json": _json_bytes(info)}
+    if ckpt is not None:  # drop rows of an epoch the checkpoint does not hold
+        start_files.update(_metrics_files(history))
+    files.write(start_files)
+    if ckpt is None:
         log(f"{cfg.optimizer} ({cfg.base}) rho={cfg.rho} m={cfg.micro_batches} on "
             f"{cfg.dataset} ({info['sizes']['train']} train) with {cfg.model} "
             f"({info['parameters']:,} params), {cfg.epochs} epochs x {steps_per_epoch} steps, "
@@ -620,13 +728,17 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, ckpt: dict | N
                 n = int(y.shape[0])
                 tracker.new_step()
                 lr_used = opt.param_groups[0]["lr"]
-                if is_msam:
-                    loss = opt.step(loss_fn, batch, scaler=scaler)
-                    step_skipped = bool(opt.last_result is not None and opt.last_result.skipped)
-                    if scaler is not None:
-                        scaler.update()
-                else:
-                    loss, step_skipped = _base_step(cfg, opt, loss_fn, batch, scaler)
+                try:
+                    if is_msam:
+                        loss = opt.step(loss_fn, batch, scaler=scaler)
+                        step_skipped = bool(opt.last_result is not None
+                                            and opt.last_result.skipped)
+                        if scaler is not None:
+                            scaler.update()
+                    else:
+                        loss, step_skipped = _base_step(cfg, opt, loss_fn, batch, scaler)
+                except Exception as err:
+                    raise _step_failed(files, epoch, global_step, err) from err
                 if step_skipped:
                     skipped += 1
                 else:
@@ -662,9 +774,12 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, ckpt: dict | N
             }
             row = {k: _clean(v) for k, v in row.items()}
             history.append(row)
-            _save_checkpoint(ckpt_path, cfg, model, opt, scheduler, scaler, epoch + 1,
-                             global_step, history, elapsed, data)
-            _write_metrics(run_dir, history)
+            # One checksummed write: last.pt (the previous one kept as prev.pt), then the
+            # metrics, so they never list an epoch the checkpoint does not hold.
+            files.write({"last.pt": _checkpoint_bytes(cfg, model, opt, scheduler, scaler,
+                                                      epoch + 1, global_step, history,
+                                                      elapsed, data),
+                         **_metrics_files(history)}, rotate=("last.pt", "prev.pt"))
             tb.log(row)
             log(f"epoch {epoch + 1}/{cfg.epochs}  loss {_fmt(row['train_loss'])}  "
                 f"acc {_fmt(row['train_acc'], True)}  val {_fmt(val_acc, True)}  "
@@ -677,19 +792,19 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, ckpt: dict | N
     finally:
         tb.close()
 
-    atomic_save_torch(run_dir / "final.pt", {
+    files.write({"final.pt": torch_bytes({
         "format": "msam-model", "version": 1, "model": model.state_dict(),
         "config": cfg.to_dict(), "tokenizer": data.tokenizer_state,
         "num_classes": data.num_classes, "input_shape": list(data.input_shape),
         "metrics": history[-1] if history else {},
-    })
+    })})
     sharp = _measure_sharpness(cfg, model, data, run_dir, log)
-    atomic_write_json(run_dir / "done.json", {
+    files.write({"done.json": _json_bytes({
         "status": "done", "epochs": cfg.epochs, "final": history[-1] if history else {},
         "train_time_s": elapsed, "sharpness": sharp,
         "sharpness_metrics": list(cfg.sharpness.metrics), "info": info, "config": cfg.to_dict(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+    })})
     return RunResult(run_dir, cfg, history, True, elapsed, sharp, resumed_from, info)
 
 
@@ -720,10 +835,28 @@ def _base_step(cfg: TrainConfig, opt: torch.optim.Optimizer, loss_fn: Callable,
     return loss.detach(), False
 
 
-def _save_checkpoint(path: Path, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer,
-                     scheduler: Any, scaler: Any, epoch: int, global_step: int,
-                     history: list[dict[str, Any]], elapsed: float, data: _Data) -> None:
-    atomic_save_torch(path, {
+def _step_failed(files: RunFiles, epoch: int, global_step: int, err: Exception) -> TrainingError:
+    """A TrainingError for a failed step; the traceback goes to ``error.txt``.
+
+    Nothing of the failed epoch is written: ``last.pt`` and the metrics stay at the last
+    completed epoch, so ``--resume`` continues from there once the cause is fixed.
+    """
+    import traceback
+
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    files.write_text("error.txt", text)
+    kept = (f"The checkpoint of epoch {epoch} (last.pt) is kept" if epoch
+            else "No checkpoint was written yet")
+    return TrainingError(
+        f"training step {global_step + 1} (epoch {epoch + 1}) failed: {type(err).__name__}: "
+        f"{err}. {kept}; fix the cause and run again with --resume (traceback in "
+        f"{files.dir / 'error.txt'})")
+
+
+def _checkpoint_bytes(cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer,
+                      scheduler: Any, scaler: Any, epoch: int, global_step: int,
+                      history: list[dict[str, Any]], elapsed: float, data: _Data) -> bytes:
+    return torch_bytes({
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
         "epoch": epoch, "global_step": global_step,
         "model": model.state_dict(), "optimizer": opt.state_dict(),
