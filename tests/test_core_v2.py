@@ -328,3 +328,39 @@ def test_two_step_api_misuse_is_an_error():
     sam.first_step()
     with pytest.raises(RuntimeError, match="second_step"):
         sam.step(lambda mb: _loss_of(model, mb), _batch())
+
+
+# -- a failing base step (issue: runs that cannot lose results, case 6) ----------------------------
+class _FailingSGD(torch.optim.SGD):
+    fail = False
+
+    def step(self, closure=None):
+        if self.fail:
+            raise RuntimeError("base optimizer failed")
+        return super().step(closure)
+
+
+def test_base_step_failure_leaves_batchnorm_grad_and_counters_as_before():
+    """What is restored when the base optimizer's step raises: BatchNorm running statistics
+    (committed only after the base step), ``.grad`` (the gradients from before the call) and
+    the step counter. Not restored: anything the base optimizer wrote before it raised (torch's
+    optimizers check their inputs first; msam keeps no copy of their state)."""
+    model = _mlp(bn=True)
+    opt = msam.MSAM(model.parameters(), _FailingSGD, rho=0.1, micro_batches=2, lr=0.1,
+                    momentum=0.9, model=model)
+    batch = _batch()
+    opt.step(lambda mb: _loss_of(model, mb), batch)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad for p in model.parameters()]
+    grad_values = [g.clone() for g in grads]
+    opt.base_optimizer.fail = True
+    with pytest.raises(RuntimeError, match="base optimizer failed"):
+        opt.step(lambda mb: _loss_of(model, mb), _batch(seed=3))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for p, g, gv in zip(model.parameters(), grads, grad_values):
+        assert p.grad is g and torch.equal(p.grad, gv)
+    assert opt.steps == 1
+    opt.base_optimizer.fail = False
+    opt.step(lambda mb: _loss_of(model, mb), _batch(seed=3))
+    assert opt.steps == 2 and int(model[1].num_batches_tracked) == 2

@@ -9,6 +9,8 @@ References:
 """
 
 from msam.core.batchnorm import BatchNormPolicy
+from msam.core.nonfinite import NonFiniteLossError
+from msam.core.perturbation import ASAMRule, PerturbationRule, SAMRule
 from msam.optim import (
     ASAM,
     MSAM,
@@ -18,11 +20,11 @@ from msam.optim import (
     msam_gradient,
     normalization_parameters,
 )
-from msam.strategies import NonFiniteLossError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ASAM", "MSAM", "SAM", "BatchNormPolicy", "GradientEngine", "GradientResult",
-    "NonFiniteLossError", "__version__", "msam_gradient", "normalization_parameters",
+    "ASAM", "MSAM", "SAM", "ASAMRule", "BatchNormPolicy", "GradientEngine", "GradientResult",
+    "NonFiniteLossError", "PerturbationRule", "SAMRule", "__version__", "msam_gradient",
+    "normalization_parameters",
 ]

@@ -179,6 +179,8 @@ def markdown_report(data: dict[str, Any]) -> str:
                 continue
             iqr = f"{_fmt_ms(t.get('p25'))}-{_fmt_ms(t.get('p75'))}" if t else "-"
             bound = " (over bound)" if r.get("memory_within_bound") is False else ""
+            if r.get("auto_choice"):
+                name = f"{name} (chose {r['auto_choice']})"
             paired = (r.get("paired_ratio_sam") or {}).get("median")
             lines.append(
                 f"| {name} | {r['m']} | {r['micro_batch_size']} | {_fmt_ms(t.get('median'))} | "

@@ -195,6 +195,12 @@ def run_model(
             bound = memory["sam"]["peak_bytes"] + wl.param_bytes
             entry["memory_bound_bytes"] = bound
             entry["memory_within_bound"] = memory[key]["peak_bytes"] <= bound
+        strategy = getattr(getattr(steppers.get(key), "optimizer", None), "engine", None)
+        strategy = getattr(strategy, "strategy", None)
+        if getattr(strategy, "name", None) == "auto":
+            # What auto measured and chose (also saved in the optimizer's state_dict).
+            entry["auto_choice"] = strategy.choice
+            entry["auto_reason"] = strategy.reason
         if key in errors:
             entry["error"] = errors[key]
         results.append(entry)
