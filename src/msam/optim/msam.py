@@ -301,7 +301,10 @@ class MSAM(Optimizer):
                     "msam does not step on a gradient it did not compute (that would be a plain "
                     f"{type(self.base_optimizer).__name__} step). Use opt.step(loss_fn, batch) "
                     "for an mSAM step, or opt.base_step() to apply a gradient you filled "
-                    "yourself (e.g. with msam.msam_gradient)"
+                    "yourself (e.g. with msam.msam_gradient). In a framework's training loop use "
+                    "msam.integrations: huggingface.MSAMTrainer (Hugging Face Trainer), "
+                    "accelerate.backward (accelerate), lightning.MSAMLightningModule or "
+                    "lightning.manual_step (Lightning); see docs/integrations.md"
                 )
             self._base_step(scaler)
             return None
