@@ -3,8 +3,6 @@
 * :mod:`msam.integrations.huggingface`: ``MSAMTrainer``, a ``transformers.Trainer`` subclass.
 * :mod:`msam.integrations.accelerate`: ``backward(accelerator, optimizer, loss_fn, batch)``
   for an ``accelerator.prepare``-d ``msam.MSAM``.
-* :mod:`msam.integrations.lightning`: ``MSAMLightningModule`` (automatic optimization) and
-  ``manual_step`` (manual optimization).
 
 ``import msam`` never imports these packages; see ``docs/integrations.md``.
 """
