@@ -93,14 +93,15 @@ class GSAMRule(SAMRule):
 
     @torch.no_grad()
     def combine(self, grads, contribs, scale: Any, params, groups):
-        # contribs = scale * h: scale * (h - alpha g_perp) = (1 + alpha k) c - alpha scale g,
-        # k = (g . c) / ||c||^2 (the projection coefficient is invariant to scaling h).
+        # contribs c = scale * h, and g_par = (g . c / ||c||^2) c = k c, so
+        # scale * (h - alpha (g - g_par)) = (1 + alpha scale k) c - alpha scale g.
         pairs = [(g, c) for g, c in zip(grads, contribs) if g is not None and c is not None]
         if not pairs:
             return list(contribs)
         dot = sum((g.double() * c.double()).sum() for g, c in pairs)
         cc = sum(c.double().pow(2).sum() for _, c in pairs)
         k = torch.where(cc > 0, dot / cc.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        k = k * scale
         out = []
         for g, c in zip(grads, contribs):
             if g is None or c is None:
