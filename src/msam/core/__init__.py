@@ -10,15 +10,20 @@ from msam.core.perturbation import (
     EPS,
     RULES,
     ASAMRule,
+    FriendlySAMRule,
+    GCSAMRule,
+    GSAMRule,
     PerturbationRule,
     SAMRule,
+    WSAMRule,
     make_rule,
     perturbation,
     perturbation_norm,
 )
 
 __all__ = [
-    "EPS", "RULES", "ASAMRule", "BatchNormPolicy", "NonFiniteFlags", "NonFiniteLossError",
+    "EPS", "RULES", "ASAMRule", "BatchNormPolicy", "FriendlySAMRule", "GCSAMRule", "GSAMRule",
+    "WSAMRule", "NonFiniteFlags", "NonFiniteLossError",
     "PerturbationRule", "SAMRule", "batch_size", "combine_running_stats", "make_rule",
     "perturbation", "perturbation_norm", "resolve_micro_batches", "split_batch",
 ]

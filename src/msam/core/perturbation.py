@@ -34,14 +34,15 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 __all__ = [
-    "EPS", "RULES", "ASAMRule", "PerturbationRule", "SAMRule", "make_rule", "perturbation",
-    "perturbation_norm",
+    "EPS", "RULES", "ASAMRule", "FriendlySAMRule", "GCSAMRule", "GSAMRule", "PerturbationRule",
+    "SAMRule", "WSAMRule", "make_rule", "perturbation", "perturbation_norm",
 ]
 
 #: Added to the norm so that a zero gradient gives a zero perturbation instead of NaN.
@@ -132,6 +133,22 @@ def _scaled_by_norm(
     return out
 
 
+def check_number(value: Any, name: str, *, ge: float | None = None, gt: float | None = None,
+                 le: float | None = None, lt: float | None = None) -> float:
+    """``value`` as a float if it is a finite real number within the bounds, else a
+    ``ValueError`` naming ``name`` and the bounds (for the rules' hyperparameters)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) \
+        and math.isfinite(value)
+    ok = ok and (ge is None or value >= ge) and (gt is None or value > gt) \
+        and (le is None or value <= le) and (lt is None or value < lt)
+    if not ok:
+        bounds = [f"{op} {b}" for op, b in ((">=", ge), (">", gt), ("<=", le), ("<", lt))
+                  if b is not None]
+        raise ValueError(f"{name} must be a finite number{' ' if bounds else ''}"
+                         f"{' and '.join(bounds)}, got {value!r}")
+    return float(value)
+
+
 class PerturbationRule:
     """Base class: ``rule(grads, params, groups) -> (e, norm)``.
 
@@ -143,6 +160,14 @@ class PerturbationRule:
     """
 
     name = "base"
+    #: A rule that also changes how ``h_j`` is used sets this and implements :meth:`combine`:
+    #: the engine then keeps ``g_j`` (it calls the rule with ``owned=False``) and asks the
+    #: evaluator for each micro-batch's ``h_j`` separately (see docs/core.md).
+    combines = False
+    #: A rule that keeps a per-step statistic of the ascent gradients sets this: the engine calls
+    #: :meth:`observe` with each ``g_j`` (before the rule) and :meth:`end_step` once the step is
+    #: committed; :meth:`begin_step` starts each gradient computation.
+    observes = False
 
     def direction(self, g: torch.Tensor, w: torch.Tensor, group: Mapping[str, Any]
                   ) -> torch.Tensor:
@@ -172,6 +197,27 @@ class PerturbationRule:
         for i, e in zip(idx, _scaled_by_norm(dirs, writable, idx, groups, norm)):
             out[i] = e
         return out, norm
+
+    def combine(self, grads: Tensors, contribs: Tensors, scale: Any,
+                params: Sequence[torch.Tensor], groups: Sequence[Mapping[str, Any]]
+                ) -> list[torch.Tensor | None]:
+        """(``combines`` rules) Micro-batch ``j``'s contribution to ``p.grad`` from ``g_j``
+        (``grads``, unscaled) and ``c_j = scale * h_j`` (``contribs``, ``scale = (n_j / n) x
+        accumulation weight x loss scale``, a float or a 0-d tensor): ``scale * f(g_j, h_j)``."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def validate_group(self, group: Mapping[str, Any], where: str) -> None:
+        """Check the rule's own param-group keys (called before every step); clear errors."""
+
+    def begin_step(self) -> None:
+        """(``observes`` rules) A gradient computation starts; drop anything uncommitted."""
+
+    def observe(self, g: Tensors, weight: float) -> None:
+        """(``observes`` rules) ``g_j`` of micro-batch ``j`` (``weight = n_j / n``)."""
+
+    def end_step(self) -> None:
+        """(``observes`` rules) The step was committed: update the state from what was
+        observed."""
 
     def active(self, groups: Sequence[Mapping[str, Any]]) -> bool:
         """False when the rule moves nothing this step (every ``rho`` is 0)."""
@@ -216,11 +262,24 @@ class ASAMRule(PerturbationRule):
         return (w.abs() + float(group["eta"])) * g
 
 
-RULES: dict[str, type[PerturbationRule]] = {"sam": SAMRule, "asam": ASAMRule}
+# The SAM family, one file each (docs/variants.md); imported here to be registered.
+from msam.core.friendlysam import FriendlySAMRule  # noqa: E402
+from msam.core.gcsam import GCSAMRule  # noqa: E402
+from msam.core.gsam import GSAMRule  # noqa: E402
+from msam.core.wsam import WSAMRule  # noqa: E402
+
+RULES: dict[str, type[PerturbationRule]] = {
+    "sam": SAMRule, "asam": ASAMRule,
+    "gsam": GSAMRule,
+    "friendlysam": FriendlySAMRule,
+    "wsam": WSAMRule,
+    "gcsam": GCSAMRule,
+}
 
 
 def make_rule(rule: str | PerturbationRule) -> PerturbationRule:
-    """A rule instance from its name (``"sam"``, ``"asam"``) or an instance."""
+    """A rule instance (default hyperparameters) from its name (see ``RULES``) or an
+    instance."""
     if isinstance(rule, PerturbationRule):
         return rule
     try:

@@ -260,6 +260,12 @@ class DDPStrategy(LoopStrategy):
                 return super().descent(ctx, idx, offsets)
         return super().descent(dataclasses.replace(ctx, loss_fn=self._guard(ctx)), idx, offsets)
 
+    def descent_each(self, ctx: StepContext, idx: list[int], offsets: Any) -> Any:
+        raise ValueError(
+            f"rule {self.opt.engine.rule.name!r} combines g_j and h_j per micro-batch; DistributedMSAM "
+            "all-reduces h_j in its backward and does not support it (use a perturbation rule: "
+            "sam, asam, friendlysam, gcsam)")
+
     def _guard(self, ctx: StepContext) -> Callable[[Any], torch.Tensor]:
         """``loss_fn`` of the synchronised pass: it must call the DDP model, and the ranks
         agree after its forward, before anyone enters DDP's all-reduce."""
@@ -358,6 +364,11 @@ class DistributedMSAM(MSAM):
             params, base_optimizer, rho, micro_batches=micro_batches,
             micro_batch_size=micro_batch_size, strategy="loop", model=module, **kwargs,
         )
+        if self.engine.rule.combines:
+            raise ValueError(
+                f"rule: {self.engine.rule.name!r} combines g_j and h_j per micro-batch; "
+                "DistributedMSAM all-reduces h_j in its backward and does not support it (use "
+                "a perturbation rule: sam, asam, friendlysam, gcsam)")
         self.ddp = ddp
         self.module = module
         self.mode = mode

@@ -74,12 +74,17 @@ class GradientResult:
     reason: str = ""
     bn: BatchNormStep | None = field(default=None, repr=False)   # uncommitted statistics
     undo_grads: Callable[[], None] | None = field(default=None, repr=False)
+    rule_commit: Callable[[], None] | None = field(default=None, repr=False)
 
     def commit(self) -> None:
-        """Write this computation's BatchNorm running statistics (once)."""
+        """Write this computation's BatchNorm running statistics and the rule's per-step state
+        (once)."""
         if self.bn is not None:
             self.bn.commit()
             self.bn = None
+        if self.rule_commit is not None:
+            self.rule_commit()
+            self.rule_commit = None
 
 
 @dataclass
@@ -155,28 +160,58 @@ class GradientEngine:
               active: bool) -> torch.Tensor:
         """split -> g_j -> e_j -> h_j -> sum_j (n_j/n) h_j into p.grad; returns the mean L(w)."""
         flags, total = ctx.flags, torch.zeros((), dtype=torch.float64, device=ctx.params[0].device)
+        rule = self.rule
         for idx in strategy.chunks(ctx):
             if not active:  # rho = 0: h_j = g_j, one pass at w
                 losses = strategy.descent(ctx, idx, None)
                 for j, loss in zip(idx, losses):
                     flags.check(loss, "ascent", j, "loss")
             else:
-                losses, offsets = [], []
+                losses, offsets, kept = [], [], []
                 for j, (loss, g_j) in zip(idx, strategy.ascent(ctx, idx)):
-                    e_j, norm = self.rule(g_j, ctx.pert_params, groups, owned=True)
+                    if rule.observes:
+                        rule.observe(g_j, ctx.micro_batches[j][1])
+                    e_j, norm = rule(g_j, ctx.pert_params, groups, owned=not rule.combines)
                     flags.check(loss, "ascent", j, "loss")
                     flags.check(norm, "ascent", j, "gradient")
                     losses.append(loss)
                     offsets.append(e_j)
+                    kept.append(g_j if rule.combines else None)
                     del e_j, g_j
                 # The strategy may take e_j out of ``offsets`` to free it during its pass.
-                for j, loss_p in zip(idx, strategy.descent(ctx, idx, offsets)):
+                if rule.combines:
+                    losses_p = self._combined_descent(strategy, ctx, idx, offsets, kept, groups)
+                else:
+                    losses_p = strategy.descent(ctx, idx, offsets)
+                for j, loss_p in zip(idx, losses_p):
                     flags.check(loss_p, "perturbed", j, "loss")
-                del offsets
+                del offsets, kept
             for j, loss in zip(idx, losses):
                 total = total + loss.to(total) * ctx.micro_batches[j][1]
         flags.check_grads([p.grad for p in ctx.params])
         return total
+
+    def _combined_descent(self, strategy: Strategy, ctx: StepContext, idx: list[int],
+                          offsets: list, kept: list, groups: Sequence[Mapping[str, Any]]
+                          ) -> list[torch.Tensor]:
+        """For a rule that ``combines``: ``p.grad += rule.combine(g_j, c_j)`` per micro-batch,
+        with ``c_j = (n_j/n) x weight x loss scale x h_j`` from ``strategy.descent_each``."""
+        losses = []
+        for k, (j, (loss_p, c)) in enumerate(zip(idx, strategy.descent_each(ctx, idx, offsets))):
+            scale: Any = ctx.micro_batches[j][1] * ctx.grad_weight
+            if ctx.loss_scale is not None:
+                scale = ctx.loss_scale * scale
+            pert = self.rule.combine(kept[k], [c[i] for i in ctx.perturbed], scale,
+                                     ctx.pert_params, groups)
+            kept[k] = None
+            for i, ci in zip(ctx.perturbed, pert):
+                c[i] = ci
+            with torch.no_grad():
+                for p, ci in zip(ctx.params, c):
+                    if ci is not None:
+                        p.grad = ci if p.grad is None else p.grad.add_(ci)
+            losses.append(loss_p)
+        return losses
 
     def _run(self, strategy: Strategy, spec: _Spec, *, commit: bool) -> GradientResult:
         params = spec.params
@@ -200,6 +235,8 @@ class GradientEngine:
 
         groups = [spec.groups[i] for i in spec.perturbed]
         active = bool(spec.perturbed) and self.rule.active(groups)
+        if self.rule.observes:
+            self.rule.begin_step()
         try:
             with self.bn.step() as bn:
                 ctx = StepContext(
@@ -217,7 +254,8 @@ class GradientEngine:
                 torch._foreach_copy_([params[i] for i in spec.perturbed], backup)
             undo_grads()
             raise
-        result = GradientResult(loss.to(params[0].dtype), bn=bn, undo_grads=undo_grads)
+        result = GradientResult(loss.to(params[0].dtype), bn=bn, undo_grads=undo_grads,
+                                rule_commit=self.rule.end_step if self.rule.observes else None)
         if commit:
             result.commit()
         return result

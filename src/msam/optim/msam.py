@@ -178,6 +178,8 @@ class MSAM(Optimizer):
         # Schedulers read the base optimizer's hyperparameters (e.g. OneCycleLR: momentum/betas).
         self.defaults = {**base.defaults, **defaults}
         self._link()
+        for i, g in enumerate(self.param_groups):
+            self.engine.rule.validate_group(g, f"param_groups[{i}]")
         if not self._params():
             raise ValueError("params: no parameter requires grad")
         self._perturb_ids: set[int] | None = None
@@ -219,6 +221,7 @@ class MSAM(Optimizer):
         params, groups, perturb = [], [], []
         for i, g in enumerate(self.param_groups):
             _validate_group(g, f"param_groups[{i}]")  # a scheduler may have changed rho
+            self.engine.rule.validate_group(g, f"param_groups[{i}]")
             for p in g["params"]:
                 if not p.requires_grad:
                     continue
@@ -391,13 +394,21 @@ class MSAM(Optimizer):
                 "first_step: the two-step API perturbs once per batch (m = 1); with "
                 "micro_batches use opt.step(loss_fn, batch)"
             )
+        if self.engine.rule.combines:
+            raise ValueError(
+                f"first_step: rule {self.engine.rule.name!r} combines g_j and h_j, which the "
+                "two-step API does not see together; use opt.step(loss_fn, batch)")
         params, groups, perturb = self._per_param()
         idx = [i for i, k in enumerate(perturb) if k]
         pert = [params[i] for i in idx]
         grads = [p.grad for p in pert]
         if all(g is None for g in grads):
             raise RuntimeError("first_step: no gradient in .grad; call loss.backward() first")
-        e, _ = self.engine.rule(grads, pert, [groups[i] for i in idx])
+        rule = self.engine.rule
+        if rule.observes:  # committed in second_step
+            rule.begin_step()
+            rule.observe(grads, 1.0)
+        e, _ = rule(grads, pert, [groups[i] for i in idx])
         backup = [p.detach().clone() for p in pert]
         moved = [(p, ei) for p, ei in zip(pert, e) if ei is not None]
         torch._foreach_add_([p for p, _ in moved], [ei for _, ei in moved])
@@ -420,6 +431,8 @@ class MSAM(Optimizer):
             torch._foreach_copy_(pert, backup)
         frozen.close()
         self._base_step(None)
+        if self.engine.rule.observes:
+            self.engine.rule.end_step()
         if zero_grad:
             self.zero_grad()
 

@@ -101,6 +101,26 @@ class Strategy:
                 offsets: list[Offsets] | None) -> list[torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
+    def descent_each(self, ctx: StepContext, idx: list[int], offsets: list[Offsets]
+                     ) -> list[tuple[torch.Tensor, Offsets]]:
+        """As :meth:`descent`, but hands back each micro-batch's contribution ``c_j`` (one
+        tensor or ``None`` per parameter: what :meth:`descent` would add to ``p.grad``)
+        instead of adding it, for rules that combine ``g_j`` and ``h_j``. By default one
+        :meth:`descent` per micro-batch into emptied ``.grad``; ``.grad`` is put back."""
+        saved = [p.grad for p in ctx.params]
+        out = []
+        try:
+            for k, j in enumerate(idx):
+                for p in ctx.params:
+                    p.grad = None
+                (loss,) = self.descent(ctx, [j], [offsets[k]])
+                offsets[k] = []
+                out.append((loss, [p.grad for p in ctx.params]))
+        finally:
+            for p, g in zip(ctx.params, saved):
+                p.grad = g
+        return out
+
     def resolve(self, ctx: StepContext, trial: Callable[[Strategy], float]) -> Strategy:
         """The evaluator for this step; ``trial(candidate)`` runs the whole computation with
         ``candidate`` (nothing committed) and returns its wall time (``auto`` uses it)."""

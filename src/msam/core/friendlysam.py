@@ -1,0 +1,104 @@
+"""FriendlySAM: SAM without the full-gradient component in the perturbation.
+
+FriendlySAM (Li et al., "Friendly Sharpness-Aware Minimization", CVPR 2024) observes that the
+full-gradient component of the mini-batch gradient harms SAM's perturbation and removes an
+estimate of it, an exponential moving average ``m`` of past mini-batch gradients::
+
+    m_t = sigma * m_{t-1} + (1 - sigma) * g_t                   (g_t = grad L_B(w_t))
+    d_t = g_t - lambda * m_t
+    e_t = rho * d_t / (||d_t|| + 1e-12),    grad = grad L_B(w_t + e_t)
+
+With micro-batches (mSAM) each micro-batch perturbs with its own ``g_j`` in the current term,
+``d_j = g_j - lambda (sigma m_{t-1} + (1 - sigma) g_j)``, and the shared state is updated once
+per step with the batch gradient at ``w``, ``g_t = sum_j (n_j / n) g_j`` (then ``m_t`` is the
+``n_j / n``-weighted mean of the micro-batches' ``sigma m_{t-1} + (1 - sigma) g_j``; ``m = 1`` is
+exactly the paper's update). ``m_0 = 0``. The EMA is updated only when a step is committed (a
+skipped or failed step leaves it as it was) and not on ``rho = 0`` steps (nothing is perturbed,
+so no ascent gradient is taken). Under DDP each rank keeps the EMA of its own local gradients
+(its perturbation is local, as in mSAM). With ``accumulate()`` each call is one batch.
+
+Hyperparameters (constructor): ``sigma`` in ``[0, 1]`` (default 0.9) and ``lmbda`` (lambda) in
+``[0, 1]`` (default 0.6); the defaults are this library's reading of the paper's CIFAR settings
+and should be tuned. ``rho`` per param group. State: ``m``, one tensor per perturbed parameter,
+shared by all micro-batches (saved in ``state_dict`` keyed by the parameter's index among the
+perturbed parameters). Extra memory: two parameter-sized buffers (``m`` and this step's batch
+gradient). Passes per step: 2 per micro-batch (as SAM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from msam.core.perturbation import PerturbationRule, SAMRule, check_number
+
+__all__ = ["FriendlySAMRule"]
+
+
+class FriendlySAMRule(PerturbationRule):
+    """FriendlySAM: ``e_j = rho d_j / ||d_j||``, ``d_j = g_j - lambda m`` (module docstring)."""
+
+    name = "friendlysam"
+    observes = True
+
+    def __init__(self, sigma: float = 0.9, lmbda: float = 0.6) -> None:
+        self.sigma = check_number(sigma, "sigma", ge=0.0, le=1.0)
+        self.lmbda = check_number(lmbda, "lmbda", ge=0.0, le=1.0)
+        self.m: dict[int, torch.Tensor] = {}
+        self._batch_grad: dict[int, torch.Tensor] = {}
+        self._sam = SAMRule()
+
+    def _ema(self, i: int, g: torch.Tensor) -> torch.Tensor | None:
+        m = self.m.get(i)
+        if m is not None and (m.device != g.device or m.dtype != g.dtype):
+            m = self.m[i] = m.to(device=g.device, dtype=g.dtype)
+        return m
+
+    @torch.no_grad()
+    def __call__(self, grads, params, groups, *, owned=False):
+        keep = 1.0 - self.lmbda * (1.0 - self.sigma)
+        dirs: list[torch.Tensor | None] = []
+        for i, g in enumerate(grads):
+            if g is None:
+                dirs.append(None)
+                continue
+            m = self._ema(i, g)
+            dirs.append(g * keep if m is None else torch.add(g * keep, m,
+                                                              alpha=-self.lmbda * self.sigma))
+        # Each direction is a new tensor: the SAM step may write e_j into it.
+        return self._sam(dirs, params, groups, owned=True)
+
+    def begin_step(self) -> None:
+        self._batch_grad = {}
+
+    @torch.no_grad()
+    def observe(self, g, weight: float) -> None:
+        for i, gi in enumerate(g):
+            if gi is None:
+                continue
+            acc = self._batch_grad.get(i)
+            self._batch_grad[i] = gi * weight if acc is None else acc.add_(gi, alpha=weight)
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        for i, gt in self._batch_grad.items():
+            m = self._ema(i, gt)
+            self.m[i] = gt.mul_(1.0 - self.sigma) if m is None else \
+                m.mul_(self.sigma).add_(gt, alpha=1.0 - self.sigma)
+        self._batch_grad = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "sigma": self.sigma, "lmbda": self.lmbda,
+                "m": {i: t.clone() for i, t in self.m.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        m = state.get("m", {})
+        if not isinstance(m, Mapping) or not all(
+                isinstance(k, int) and isinstance(v, torch.Tensor) for k, v in m.items()):
+            raise ValueError("perturbation rule 'friendlysam': 'm' must map parameter indices "
+                             f"to tensors, got {type(m).__name__}")
+        self.m = {int(k): v.detach().clone() for k, v in m.items()}
+        self._batch_grad = {}

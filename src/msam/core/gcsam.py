@@ -1,0 +1,43 @@
+"""GCSAM: SAM with a gradient-centralised ascent gradient.
+
+GCSAM (Hassan et al., "GCSAM: Gradient Centralized Sharpness Aware Minimization", 2025) applies
+gradient centralisation (Yong et al., "Gradient Centralization", ECCV 2020) to the ascent
+gradient before SAM's normalised step. For a weight tensor with more than one dimension (a
+linear layer's ``(out, in)`` matrix, a convolution's ``(out, in, kh, kw)`` kernel), each output
+slice has its mean removed::
+
+    GC(g)[o, ...] = g[o, ...] - mean(g[o, ...])          (tensors of dim > 1; biases as they are)
+    e_j = rho * GC(g_j) / (||GC(g_j)|| + 1e-12)          (SAM's step on the centralised gradient)
+    grad = sum_j (n_j / n) grad L_j(w + e_j)             (the descent gradient is not centralised)
+
+Hyperparameters: ``rho`` (per param group, as SAM). State: none. Extra memory: one centralised
+copy of each weight gradient per micro-batch (it becomes ``e_j``, so no more than SAM's ``e``).
+Passes per step: 2 per micro-batch (as SAM).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from msam.core.perturbation import PerturbationRule
+
+__all__ = ["GCSAMRule"]
+
+
+def centralized(g: torch.Tensor) -> torch.Tensor:
+    """``g`` minus its mean over every dimension but the first (tensors of dim > 1)."""
+    if g.dim() < 2:
+        return g
+    return g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True)
+
+
+class GCSAMRule(PerturbationRule):
+    """GCSAM: ``e = rho GC(g) / (||GC(g)|| + 1e-12)`` (see the module docstring)."""
+
+    name = "gcsam"
+
+    def direction(self, g, w, group):
+        return centralized(g)
+
+    def norm_terms(self, g, w, group):
+        return centralized(g)

@@ -1,0 +1,230 @@
+"""The SAM family (GSAM, FriendlySAM, WSAM, GCSAM) against float64 references written from the
+papers' update equations (docs/variants.md), sharing no code with msam."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import msam
+from msam.core import RULES
+
+from reference import first_size, split
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+
+
+def _data(step, n=12):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _loss(f, b):
+    return torch.nn.functional.cross_entropy(f(b[0]), b[1])
+
+
+def _flat_dot(a, b):
+    return sum((a[k] * b[k]).sum() for k in a)
+
+
+class Reference:
+    """One reference per variant: ``grad(w, batch) -> {name: gradient}``; keeps its own state."""
+
+    def __init__(self, kind, rho, **hp):
+        self.kind, self.rho, self.hp, self.ema = kind, rho, hp, None
+
+    def grad(self, model, batch, m, lr=None):
+        names = [n for n, _ in model.named_parameters()]
+        w = {n: p.detach().clone() for n, p in model.named_parameters()}
+        total = {k: torch.zeros_like(v) for k, v in w.items()}
+        gbatch = {k: torch.zeros_like(v) for k, v in w.items()}
+        n = first_size(batch)
+        rho = self.rho
+        if self.kind == "gsam" and "sched" in self.hp:
+            rmax, rmin, lmax, lmin = self.hp["sched"]
+            rho = rmin + (rmax - rmin) * min(1.0, max(0.0, (lr - lmin) / (lmax - lmin)))
+        for mb in split(batch, m):
+            wj = first_size(mb) / n
+
+            def grad_at(params, mb=mb):
+                ps = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+                loss = _loss(lambda x: functional_call(model, ps, (x,)), mb)
+                return dict(zip(names, torch.autograd.grad(loss, [ps[k] for k in names])))
+
+            g = grad_at(w)
+            for k in names:
+                gbatch[k] += wj * g[k]
+            if self.kind == "gcsam":
+                d = {k: (v - v.mean(dim=1, keepdim=True)) if v.dim() == 2 else v
+                     for k, v in g.items()}
+            elif self.kind == "friendlysam":
+                s, lam = self.hp["sigma"], self.hp["lmbda"]
+                m_prev = self.ema or {k: torch.zeros_like(v) for k, v in g.items()}
+                m_t = {k: s * m_prev[k] + (1 - s) * g[k] for k in names}
+                d = {k: g[k] - lam * m_t[k] for k in names}
+            else:
+                d = g
+            norm = torch.sqrt(_flat_dot(d, d))
+            e = {k: rho * d[k] / (norm + 1e-12) for k in names}
+            h = grad_at({k: w[k] + e[k] for k in names})
+            if self.kind == "gsam":
+                hh = _flat_dot(h, h)
+                coef = _flat_dot(g, h) / hh if hh > 0 else 0.0
+                step = {k: h[k] - self.hp["alpha"] * (g[k] - coef * h[k]) for k in names}
+            elif self.kind == "wsam":
+                gam = self.hp["gamma"]
+                step = {k: (1 - 2 * gam) / (1 - gam) * g[k] + gam / (1 - gam) * h[k]
+                        for k in names}
+            else:
+                step = h
+            for k in names:
+                total[k] += wj * step[k]
+        if self.kind == "friendlysam":
+            s = self.hp["sigma"]
+            m_prev = self.ema or {k: torch.zeros_like(v) for k, v in w.items()}
+            self.ema = {k: s * m_prev[k] + (1 - s) * gbatch[k] for k in names}
+        return total
+
+
+CASES = {
+    "gsam": (lambda: msam.core.GSAMRule(alpha=0.3), {"alpha": 0.3}),
+    "friendlysam": (lambda: msam.core.FriendlySAMRule(sigma=0.8, lmbda=0.7),
+                    {"sigma": 0.8, "lmbda": 0.7}),
+    "wsam": (lambda: msam.core.WSAMRule(gamma=0.8), {"gamma": 0.8}),
+    "gcsam": (lambda: msam.core.GCSAMRule(), {}),
+}
+MAX_DIFF: dict[tuple[str, int], float] = {}
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_matches_paper_reference(kind, m, strategy):
+    make, hp = CASES[kind]
+    model, ref_model = _model(), _model()
+    opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=0.2, micro_batches=m,
+                    rule=make(), strategy=strategy, model=model, lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    ref = Reference(kind, 0.2, **hp)
+    for s in range(4):
+        batch = _data(s)
+        opt.step(lambda b: _loss(model, b), batch)
+        for (nm, p) in ref_model.named_parameters():
+            p.grad = None
+        grads = ref.grad(ref_model, batch, m)
+        for nm, p in ref_model.named_parameters():
+            p.grad = grads[nm]
+        ref_opt.step()
+    diff = max(float((p - q).detach().abs().max()) for p, q in zip(model.parameters(),
+                                                            ref_model.parameters()))
+    MAX_DIFF[(kind, m)] = max(diff, MAX_DIFF.get((kind, m), 0.0))
+    print(f"max|diff| {kind} m={m} {strategy}: {diff:.3g}")
+    assert diff < 1e-10
+    # The variant differs from SAM here (the reference is not trivially SAM's).
+    sam_model = _model()
+    sam = msam.MSAM(sam_model.parameters(), torch.optim.SGD, rho=0.2, micro_batches=m, lr=0.1,
+                    momentum=0.9)
+    for s in range(4):
+        sam.step(lambda b: _loss(sam_model, b), _data(s))
+    assert max(float((p - q).abs().max())
+               for p, q in zip(sam_model.parameters(), model.parameters())) > 1e-6
+
+
+def test_gsam_rho_follows_the_learning_rate():
+    model, ref_model = _model(), _model()
+    opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=0.0, micro_batches=2,
+                    rule="gsam", lr=0.1)
+    for g in opt.param_groups:
+        g.update(rho_max=0.3, rho_min=0.05, lr_max=0.1, lr_min=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - 0.2 * t)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    ref = Reference("gsam", None, alpha=0.05, sched=(0.3, 0.05, 0.1, 0.0))
+    for s in range(4):
+        lr = opt.param_groups[0]["lr"]
+        opt.step(lambda b: _loss(model, b), _data(s))
+        grads = ref.grad(ref_model, _data(s), 2, lr=lr)
+        for nm, p in ref_model.named_parameters():
+            p.grad = grads[nm]
+        ref_opt.param_groups[0]["lr"] = lr
+        ref_opt.step()
+        sched.step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10)
+    opt.param_groups[0]["rho_min"] = 0.5
+    with pytest.raises(ValueError, match="rho_min"):
+        opt.step(lambda b: _loss(model, b), _data(0))
+    del opt.param_groups[0]["rho_min"]
+    with pytest.raises(ValueError, match="missing"):
+        opt.step(lambda b: _loss(model, b), _data(0))
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_resume_is_bit_identical(kind):
+    make, _ = CASES[kind]
+
+    def build():
+        model = _model()
+        return model, msam.MSAM(model.parameters(), torch.optim.SGD, rho=0.2, micro_batches=4,
+                                rule=make(), lr=0.1, momentum=0.9)
+
+    def train(model, opt, steps):
+        for s in steps:
+            opt.step(lambda b: _loss(model, b), _data(s))
+
+    a, opt_a = build()
+    train(a, opt_a, range(6))
+    b, opt_b = build()
+    train(b, opt_b, range(3))
+    buf = io.BytesIO()
+    torch.save({"model": b.state_dict(), "opt": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    c, opt_c = build()
+    c.load_state_dict(ck["model"])
+    opt_c.load_state_dict(ck["opt"])
+    train(c, opt_c, range(3, 6))
+    for p, q in zip(a.parameters(), c.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("bad", [
+    (msam.core.GSAMRule, {"alpha": -1.0}, "alpha"),
+    (msam.core.GSAMRule, {"alpha": float("nan")}, "alpha"),
+    (msam.core.WSAMRule, {"gamma": 1.0}, "gamma"),
+    (msam.core.FriendlySAMRule, {"sigma": 1.5}, "sigma"),
+    (msam.core.FriendlySAMRule, {"lmbda": float("inf")}, "lmbda"),
+])
+def test_hyperparameters_are_validated(bad):
+    cls, kw, name = bad
+    with pytest.raises(ValueError, match=name):
+        cls(**kw)
+
+
+def test_registered_and_refused_where_unsupported():
+    assert {"gsam", "friendlysam", "wsam", "gcsam"} <= set(RULES)
+    model = _model()
+    opt = msam.MSAM(model.parameters(), torch.optim.SGD, rule="wsam", lr=0.1)
+    _loss(model, _data(0)).backward()
+    with pytest.raises(ValueError, match="two-step"):
+        opt.first_step()
+
+
+def test_friendlysam_skipped_step_leaves_the_ema():
+    model = _model()
+    rule = msam.core.FriendlySAMRule()
+    opt = msam.MSAM(model.parameters(), torch.optim.SGD, rule=rule, micro_batches=2, lr=0.1,
+                    nonfinite="skip")
+    opt.step(lambda b: _loss(model, b), _data(0))
+    before = {i: t.clone() for i, t in rule.m.items()}
+    assert before
+    opt.step(lambda b: _loss(model, b) * float("nan"), _data(1))
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(before[i], rule.m[i]) for i in before)
