@@ -117,7 +117,7 @@ def test_matches_paper_reference(kind, m, strategy):
     for s in range(4):
         batch = _data(s)
         opt.step(lambda b: _loss(model, b), batch)
-        for (nm, p) in ref_model.named_parameters():
+        for p in ref_model.parameters():
             p.grad = None
         grads = ref.grad(ref_model, batch, m)
         for nm, p in ref_model.named_parameters():

@@ -262,9 +262,9 @@ class DDPStrategy(LoopStrategy):
 
     def descent_each(self, ctx: StepContext, idx: list[int], offsets: Any) -> Any:
         raise ValueError(
-            f"rule {self.opt.engine.rule.name!r} combines g_j and h_j per micro-batch; DistributedMSAM "
-            "all-reduces h_j in its backward and does not support it (use a perturbation rule: "
-            "sam, asam, friendlysam, gcsam)")
+            f"rule {self.opt.engine.rule.name!r} combines g_j and h_j per micro-batch; "
+            "DistributedMSAM all-reduces h_j in its backward and does not support it (use a "
+            "perturbation rule: sam, asam, friendlysam, gcsam)")
 
     def _guard(self, ctx: StepContext) -> Callable[[Any], torch.Tensor]:
         """``loss_fn`` of the synchronised pass: it must call the DDP model, and the ranks
