@@ -45,12 +45,17 @@ def tensor_leaves(batch: Any, path: str = "batch") -> list[tuple[str, torch.Tens
     return []
 
 
+def _same_type(x: Any) -> Any:
+    """``type(x)`` as a constructor (for mappings: ``type(x)(pairs)``), untyped on purpose."""
+    return type(x)
+
+
 def map_tensors(fn: Callable[[torch.Tensor], Any], batch: Any) -> Any:
     """Apply ``fn`` to every tensor leaf, keeping the structure (namedtuples included)."""
     if isinstance(batch, torch.Tensor):
         return fn(batch)
     if isinstance(batch, Mapping):
-        return type(batch)((k, map_tensors(fn, v)) for k, v in batch.items())
+        return _same_type(batch)((k, map_tensors(fn, v)) for k, v in batch.items())
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(map_tensors(fn, v) for v in batch))
     if isinstance(batch, (tuple, list)):
@@ -105,13 +110,13 @@ def _split_leaf(x: Any, m: int) -> Sequence[Any]:
         return torch.tensor_split(x, m, dim=0)
     if isinstance(x, Mapping):
         parts = {k: _split_leaf(v, m) for k, v in x.items()}
-        return [type(x)((k, parts[k][j]) for k in x) for j in range(m)]
+        return [_same_type(x)((k, parts[k][j]) for k in x) for j in range(m)]
     if isinstance(x, tuple) and hasattr(x, "_fields"):
-        parts = [_split_leaf(v, m) for v in x]
-        return [type(x)(*(p[j] for p in parts)) for j in range(m)]
+        fields = [_split_leaf(v, m) for v in x]
+        return [type(x)(*(p[j] for p in fields)) for j in range(m)]
     if isinstance(x, (tuple, list)):
-        parts = [_split_leaf(v, m) for v in x]
-        return [type(x)(p[j] for p in parts) for j in range(m)]
+        items = [_split_leaf(v, m) for v in x]
+        return [type(x)(p[j] for p in items) for j in range(m)]
     return [x] * m
 
 
@@ -138,7 +143,7 @@ def stack_batches(batches: Sequence[Any]) -> Any:
     if isinstance(first, torch.Tensor):
         return torch.stack(list(batches))
     if isinstance(first, Mapping):
-        return type(first)((k, stack_batches([b[k] for b in batches])) for k in first)
+        return _same_type(first)((k, stack_batches([b[k] for b in batches])) for k in first)
     if isinstance(first, tuple) and hasattr(first, "_fields"):
         return type(first)(*(stack_batches([b[i] for b in batches]) for i in range(len(first))))
     if isinstance(first, (tuple, list)):

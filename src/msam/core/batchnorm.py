@@ -51,6 +51,12 @@ __all__ = ["BatchNormPolicy", "BatchNormStep", "combine_running_stats", "is_trac
 _KEYS = ("running_mean", "running_var", "num_batches_tracked")
 
 
+def _buffer(module: nn.Module, name: str) -> torch.Tensor:
+    t = module._buffers[name]
+    assert t is not None, name  # only tracking BatchNorm modules are recorded
+    return t
+
+
 def is_tracking_batchnorm(module: nn.Module) -> bool:
     """True for a BatchNorm module that would update running statistics in this call."""
     return (
@@ -138,8 +144,8 @@ class BatchNormStep:
             yield
             if record:
                 for rec in self._pass_modules:
-                    rec.means.append(rec.module._buffers["running_mean"].detach())
-                    rec.vars.append(rec.module._buffers["running_var"].detach())
+                    rec.means.append(_buffer(rec.module, "running_mean").detach())
+                    rec.vars.append(_buffer(rec.module, "running_var").detach())
         finally:
             self._pass_record = None
             for rec in self._pass_modules:
@@ -169,6 +175,7 @@ class BatchNormStep:
                 continue
             nbt = rec.originals["num_batches_tracked"]
             rm, rv = rec.originals["running_mean"], rec.originals["running_var"]
+            assert rm is not None and rv is not None  # tracking modules have both
             new_mean = combine_running_stats(rm, rec.means, rec.momentum, nbt)
             new_var = combine_running_stats(rv, rec.vars, rec.momentum, nbt)
             rm.copy_(new_mean)
@@ -196,7 +203,8 @@ class BatchNormPolicy:
 
     def modules(self) -> list[_BatchNorm]:
         if self.model is not None:
-            return [m for m in self.model.modules() if is_tracking_batchnorm(m)]
+            return [m for m in self.model.modules()
+                    if isinstance(m, _BatchNorm) and is_tracking_batchnorm(m)]
         found = [r() for r in self._discovered or []]
         return [m for m in found if m is not None and is_tracking_batchnorm(m)]
 

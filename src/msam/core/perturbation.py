@@ -63,7 +63,7 @@ def _tensor_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
     for (_, dtype), idx in groups.items():
         if dtype in _NATIVE_NORM_DTYPES:
-            norms = torch._foreach_norm([tensors[i] for i in idx])
+            norms: Sequence[torch.Tensor] = torch._foreach_norm([tensors[i] for i in idx])
         else:
             norms = [torch.linalg.vector_norm(tensors[i], dtype=torch.float64) for i in idx]
         for i, n in zip(idx, norms):
@@ -127,7 +127,7 @@ def _scaled_by_norm(
         if in_place:
             torch._foreach_mul_(tensors, scale)
         else:
-            tensors = torch._foreach_mul(tensors, scale)
+            tensors = list(torch._foreach_mul(tensors, scale))
         for k, e in zip(ks, tensors):
             out[k] = e
     return out
@@ -188,7 +188,7 @@ class PerturbationRule:
         out: list[torch.Tensor | None] = [None] * len(grads)
         if not idx:
             return out, torch.zeros((), dtype=torch.float64)
-        present = [grads[i] for i in idx]
+        present: list[torch.Tensor] = [g for g in grads if g is not None]
         norm = global_norm([self.norm_terms(g, params[i], groups[i])
                             for i, g in zip(idx, present)])
         dirs = [self.direction(g, params[i], groups[i]) for i, g in zip(idx, present)]

@@ -227,7 +227,7 @@ class GradientEngine:
         def undo_grads() -> None:
             with torch.no_grad():
                 for p, g, old in zip(params, snapshots, old_grads):
-                    if spec.fresh or g is None:
+                    if spec.fresh or g is None or old is None:  # old is None => g is None
                         p.grad = g
                     else:
                         old.copy_(g)

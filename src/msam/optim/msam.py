@@ -531,7 +531,7 @@ def _validated_settings(extra: Mapping[str, Any]) -> dict[str, Any]:
         rule = {"name": "asam" if extra.get("adaptive") else "sam"}
         strategy = {"name": strategy}
     else:
-        rule = extra.get("rule")
+        rule = extra.get("rule")  # type: ignore[assignment]  # validated just below
     if not isinstance(strategy, Mapping) or strategy.get("name") not in STRATEGIES:
         raise ValueError(f"{where}: strategy must name one of {sorted(STRATEGIES)}, "
                          f"got {strategy!r}")

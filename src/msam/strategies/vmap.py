@@ -66,7 +66,7 @@ class VmapStrategy(Strategy):
             points = {}
             for col, i in enumerate(ctx.perturbed):
                 w = ctx.backup[col]
-                rows = [torch.zeros_like(w) if e[col] is None else e[col] for e in offsets]
+                rows = [torch.zeros_like(w) if (x := e[col]) is None else x for e in offsets]
                 points[i] = torch.stack(rows) + w
             offsets.clear()  # the stacked points hold what is needed
         losses, h = self._grads(ctx, idx, points, record=offsets is None)
