@@ -134,3 +134,31 @@ def test_the_schedules_study_config_expands():
     assert all(c.micro_batches == 16 and c.rho == 0.1 for n, c in cfgs.items()
                if n.startswith("msam"))
     assert TrainConfig(**{**cfgs["sgd_s0"].to_dict()}).every == 1
+
+
+def test_bench_schedule_methods_run_one_window_per_call():
+    from msam.bench.workloads import build_workload, make_stepper, parse_schedules
+
+    methods = parse_schedules("every5, late0.75,looksam3", 4)
+    assert [m.key for m in methods] == ["msam-m4-every5", "msam-m4-late0.75",
+                                        "msam-m4-every3-looksam"]
+    assert [m.window for m in methods] == [5, 8, 3]
+    for bad in ("every0", "late0.3", "looksam1", "sometimes"):
+        with pytest.raises(ValueError, match="--schedules"):
+            parse_schedules(bad, 4)
+    wl = build_workload("mlp", 16, input_shape=(1, 8, 8))
+    calls = [0]
+    loss_fn = wl.loss_fn
+
+    def counting(b):
+        calls[0] += 1
+        return loss_fn(b)
+
+    wl.loss_fn = counting
+    for meth, expected in zip(methods, (2 * 4 + 4, 2 * 2 * 4 + 6, 2 * 4 + 2)):
+        st = make_stepper(wl, meth)
+        for _ in range(2):  # every call replays the same window
+            calls[0] = 0
+            st.step()
+            assert calls[0] == expected, meth.key
+        assert st.window == meth.window

@@ -121,6 +121,7 @@ class Schedule:
             every, start_step, reuse, reuse_alpha)
         #: ``g_v`` per parameter (None before the first perturbation step, or without reuse).
         self.direction: list[torch.Tensor | None] | None = None
+        self._direction_norm: torch.Tensor | None = None   # ||g_v||, computed once
         self._clean: list[torch.Tensor | None] | None = None   # sum of g over this step's calls
         self._call: list[torch.Tensor | None] | None = None    # this call's g
 
@@ -184,7 +185,7 @@ class Schedule:
         clean, self._clean = self._clean, None
         if perturbed:
             if clean is None:  # rho = 0: nothing was perturbed, so nothing to reuse
-                return _Pending(commit=lambda: setattr(self, "direction", None))
+                return _Pending(commit=lambda: self._set_direction(None, params))
             gs = [p.grad for p in params]
             dot = _dot(gs, clean, params)
             gg = _dot(clean, clean, params)
@@ -193,13 +194,15 @@ class Schedule:
             for p, s, c in zip(params, gs, clean):
                 s = torch.zeros_like(p) if s is None else s
                 new.append(s.clone() if c is None else s - coef.to(s.dtype) * c)
-            return _Pending(commit=lambda: setattr(self, "direction", new))
+            return _Pending(commit=lambda: self._set_direction(new, params))
         if self.direction is None:
             return _Pending()
         saved = [p.grad for p in params]
         g = [torch.zeros_like(p) if s is None else s for p, s in zip(params, saved)]
         gnorm = _dot(g, g, params).sqrt()
-        vnorm = _dot(self.direction, self.direction, params).sqrt()
+        vnorm = self._direction_norm
+        if vnorm is None:
+            vnorm = self._direction_norm = _dot(self.direction, self.direction, params).sqrt()
         c = self.reuse_alpha * gnorm / (vnorm + _EPS)
         for p, gi, v in zip(params, g, self.direction):
             p.grad = gi if v is None else gi + c.to(gi.dtype) * v
@@ -209,6 +212,12 @@ class Schedule:
                 p.grad = s
 
         return _Pending(undo=undo)
+
+    def _set_direction(self, direction: list[torch.Tensor | None] | None,
+                       params: Sequence[torch.Tensor]) -> None:
+        self.direction = direction
+        self._direction_norm = None if direction is None else _dot(direction, direction,
+                                                                   params).sqrt()
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -237,14 +246,22 @@ class Schedule:
         self.every, self.start_step = s["every"], s["start_step"]
         self.reuse, self.reuse_alpha = s["reuse"], s["reuse_alpha"]
         self.direction = direction
+        self._direction_norm = None
         self._clean = self._call = None
 
 
 def _dot(a: Sequence[Any], b: Sequence[Any], params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sum_i a_i . b_i`` in float64 on the first parameter's device (None terms are 0)."""
+    """``sum_i a_i . b_i`` as a 0-d float64 tensor on the first parameter's device (None terms
+    are 0): one ``vdot`` per tensor in its own dtype (float64 for half types), summed in
+    float64; no host sync."""
     dev = params[0].device
-    total = torch.zeros((), dtype=torch.float64, device=dev)
+    terms = []
     for x, y in zip(a, b):
         if x is not None and y is not None:
-            total = total + (x.to(torch.float64) * y.to(torch.float64)).sum().to(dev)
-    return total
+            if x.dtype not in (torch.float32, torch.float64):
+                x, y = x.double(), y.double()
+            terms.append(torch.vdot(x.reshape(-1), y.reshape(-1)).to(device=dev,
+                                                                     dtype=torch.float64))
+    if not terms:
+        return torch.zeros((), dtype=torch.float64, device=dev)
+    return torch.stack(terms).sum()
