@@ -400,3 +400,27 @@ def test_ddp_one_rank_schedule_matches_reference(case, one_rank_group):
     _assert_same(model, _reference(7, at))
     sd = opt.state_dict()
     assert sd["msam"]["schedule"]["every"] == kwargs.get("every", 1)
+
+
+def test_off_step_nonfinite_skip_and_grad_scaler():
+    """Off-steps go through the same non-finite and GradScaler handling as every step."""
+    model = _model()
+    opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=RHO, micro_batches=M, every=2,
+                    nonfinite="skip", **SGD)
+    opt.step(lambda b: _loss_of(model, b), _data(0))          # step 0: mSAM
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = opt.step(lambda b: _loss_of(model, b) * float("nan"), _data(1))  # an off-step
+    assert torch.isnan(loss) and opt.steps == 1 and opt.skipped_steps == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    # With a GradScaler the off-step's gradient is scaled and unscaled like any other.
+    model_s, model_r = _model(), _model()
+    opt_s = msam.MSAM(model_s.parameters(), torch.optim.SGD, rho=RHO, micro_batches=M, every=3,
+                      reuse="looksam", **SGD)
+    opt_r = msam.MSAM(model_r.parameters(), torch.optim.SGD, rho=RHO, micro_batches=M, every=3,
+                      reuse="looksam", **SGD)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    for t in range(4):
+        opt_s.step(lambda b: _loss_of(model_s, b), _data(t), scaler=scaler)
+        scaler.update()
+        opt_r.step(lambda b: _loss_of(model_r, b), _data(t))
+    _assert_same(model_s, model_r, tol=1e-9)
