@@ -709,7 +709,9 @@ def _train(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.devic
         start_files.update(_metrics_files(history))
     files.write(start_files)
     if ckpt is None:
-        log(f"{cfg.optimizer} ({cfg.base}) rho={cfg.rho} m={cfg.micro_batches} on "
+        sched = getattr(opt, "schedule", None)
+        sched_text = "" if sched is None or sched.trivial else f" {sched!r}"
+        log(f"{cfg.optimizer} ({cfg.base}) rho={cfg.rho} m={cfg.micro_batches}{sched_text} on "
             f"{cfg.dataset} ({info['sizes']['train']} train) with {cfg.model} "
             f"({info['parameters']:,} params), {cfg.epochs} epochs x {steps_per_epoch} steps, "
             f"{device}")
