@@ -11,6 +11,7 @@ References:
 from msam.core.batchnorm import BatchNormPolicy
 from msam.core.nonfinite import NonFiniteLossError
 from msam.core.perturbation import ASAMRule, PerturbationRule, SAMRule
+from msam.core.schedule import Schedule
 from msam.optim import (
     ASAM,
     MSAM,
@@ -25,6 +26,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASAM", "MSAM", "SAM", "ASAMRule", "BatchNormPolicy", "GradientEngine", "GradientResult",
-    "NonFiniteLossError", "PerturbationRule", "SAMRule", "__version__", "msam_gradient",
-    "normalization_parameters",
+    "NonFiniteLossError", "PerturbationRule", "SAMRule", "Schedule", "__version__",
+    "msam_gradient", "normalization_parameters",
 ]

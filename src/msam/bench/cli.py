@@ -122,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu (default), cuda, cuda:N or auto")
     parser.add_argument("--text-length", type=int, default=32, metavar="L",
                         help="tokens per example for minilm (default 32)")
+    parser.add_argument("--schedules", default=None, metavar="every5,late0.75,..",
+                        help="also time mSAM loop schedules (docs/schedules.md): everyK, lateF "
+                             "(the last 1-F of the steps), looksamK; per step, the mean over "
+                             "one window of the schedule")
+    parser.add_argument("--schedule-m", type=int, default=8, metavar="M",
+                        help="micro-batches of the --schedules methods (default 8)")
     parser.add_argument("--rho", type=float, default=0.05, help="SAM radius (default 0.05)")
     parser.add_argument("--seed", type=int, default=0, help="model init / data / order seed")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
@@ -153,7 +159,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
 
     from msam.bench.report import write_reports
     from msam.bench.runner import ModelPlan, run_model
-    from msam.bench.workloads import build_workload, make_methods
+    from msam.bench.workloads import build_workload, make_methods, parse_schedules
     from msam.models import MODELS
 
     def err(msg: str) -> int:
@@ -177,6 +183,12 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
             return err(f"--{flag} must be >= {1 if flag == 'steps' else 0}")
     if args.m_values and max(args.m_values) > args.batch_size:
         return err(f"--m {max(args.m_values)} exceeds the batch size {args.batch_size}")
+    try:
+        schedules = parse_schedules(args.schedules or "", args.schedule_m)
+    except ValueError as e:
+        return err(str(e))
+    if schedules and not 1 <= args.schedule_m <= args.batch_size:
+        return err(f"--schedule-m must be in [1, --batch-size={args.batch_size}]")
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -221,7 +233,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         plan = ModelPlan(
             model=name,
             methods=make_methods(m_values, args.strategies or defaults.strategies,
-                                 accum=not args.no_accum),
+                                 accum=not args.no_accum) + schedules,
             steps=args.steps if args.steps is not None else defaults.rounds,
             warmup=warmup, budget_s=args.budget, memory=not args.no_memory,
             text_length=args.text_length,

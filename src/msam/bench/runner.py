@@ -148,7 +148,7 @@ def run_model(
                 t0 = time.perf_counter()
                 ok = guarded(key, st.step)
                 _sync(device)
-                dt = time.perf_counter() - t0
+                dt = (time.perf_counter() - t0) / st.window  # per optimizer step
                 if ok:
                     times[key].append(dt)
                     this_round[key] = dt

@@ -31,7 +31,11 @@ __all__ = [
     "build_workload",
     "make_methods",
     "make_stepper",
+    "parse_schedules",
 ]
+
+#: Window of a late-phase schedule method: 8 steps, the last ``(1 - f) * 8`` perturbing.
+LATE_WINDOW = 8
 
 DEFAULT_INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     "mlp": (1, 28, 28),
@@ -112,12 +116,24 @@ class Method:
     ``kind``: ``"sgd"`` (plain base optimizer, one forward + backward), ``"sam"`` (``msam.SAM``,
     the loop strategy with ``m = 1``), ``"msam"`` (``msam.MSAM`` with ``strategy`` and ``m``) or
     ``"accum"`` (plain SGD with the batch cut into ``m`` micro-batches and their gradients
-    accumulated: the compute floor of smaller micro-batches, with no SAM work at all).
+    accumulated: the compute floor of smaller micro-batches, with no SAM work at all) or
+    ``"sched"`` (``msam.MSAM`` loop with a schedule, docs/schedules.md: ``every``,
+    ``late`` = the start fraction, ``reuse``). A ``sched`` call runs one window of
+    :attr:`window` optimizer steps (the schedule's period: ``every`` steps, or
+    ``LATE_WINDOW`` steps of which the last ``(1 - late)`` perturb), so its time per step is
+    the mean over a window in which off-steps and perturbation steps mix as in an epoch.
     """
 
     kind: str
     m: int = 1
     strategy: str | None = None
+    every: int = 1
+    late: float = 0.0
+    reuse: str | None = None
+
+    @property
+    def window(self) -> int:
+        return LATE_WINDOW if self.late else self.every
 
     @property
     def key(self) -> str:
@@ -125,6 +141,9 @@ class Method:
             return self.kind
         if self.kind == "accum":
             return f"accum-m{self.m}"
+        if self.kind == "sched":
+            what = f"late{self.late:g}" if self.late else f"every{self.every}"
+            return f"msam-m{self.m}-{what}" + (f"-{self.reuse}" if self.reuse else "")
         return f"msam-{self.strategy}-m{self.m}"
 
     @property
@@ -135,6 +154,12 @@ class Method:
             return "SAM"
         if self.kind == "accum":
             return f"SGD, {self.m} micro-batches accumulated"
+        if self.kind == "sched":
+            if self.late:
+                return f"mSAM m={self.m}, last {100 * (1 - self.late):g}% of steps"
+            if self.reuse:
+                return f"mSAM m={self.m}, {self.reuse} reuse, every {self.every}"
+            return f"mSAM m={self.m}, every {self.every} steps"
         return f"mSAM {self.strategy} m={self.m}"
 
 
@@ -157,13 +182,41 @@ def make_methods(
     return out
 
 
+def parse_schedules(text: str, m: int) -> list[Method]:
+    """``"every2,every5,late0.75,looksam5"`` -> schedule methods (mSAM loop with ``m``)."""
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            if item.startswith("every"):
+                meth = Method("sched", m, "loop", every=int(item[5:]))
+            elif item.startswith("late"):
+                frac = float(item[4:])
+                if not 0 < frac < 1 or (frac * LATE_WINDOW) % 1:
+                    raise ValueError
+                meth = Method("sched", m, "loop", late=frac)
+            elif item.startswith("looksam"):
+                meth = Method("sched", m, "loop", every=int(item[7:]), reuse="looksam")
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"--schedules: {item!r} is not everyK (K >= 1), lateF (0 < F < 1, F x "
+                f"{LATE_WINDOW} whole) or looksamK (K >= 2)") from None
+        if meth.every < 1 or (meth.reuse and meth.every < 2):
+            raise ValueError(f"--schedules: {item!r}: K must be >= 1 (looksam: >= 2)")
+        out.append(meth)
+    return out
+
+
 @dataclass
 class Stepper:
-    """A method bound to a workload: ``step()`` runs one full optimizer step."""
+    """A method bound to a workload: ``step()`` runs one full optimizer step (``window``
+    steps for a schedule method; the runner divides its time by ``window``)."""
 
     method: Method
     optimizer: torch.optim.Optimizer
     step: Callable[[], Any]
+    window: int = 1
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Tensors this method keeps between steps (optimizer state, e.g. momentum)."""
@@ -221,4 +274,18 @@ def make_stepper(
         opt_m = msam.MSAM(params, torch.optim.SGD, rho=rho, micro_batches=method.m,
                           strategy=method.strategy or "loop", model=wl.model, **sgd_kwargs)
         return Stepper(method, opt_m, lambda: opt_m.step(loss_fn, batch))
+    if method.kind == "sched":
+        start = round(method.late * LATE_WINDOW)
+        opt_s = msam.MSAM(params, torch.optim.SGD, rho=rho, micro_batches=method.m,
+                          strategy="loop", model=wl.model, every=method.every,
+                          start_step=start, reuse=method.reuse, **sgd_kwargs)
+
+        def window() -> Any:
+            # Each call is one window, replayed from step 0 of the schedule (an "epoch").
+            opt_s.steps = 0
+            for _ in range(method.window):
+                loss = opt_s.step(loss_fn, batch)
+            return loss
+
+        return Stepper(method, opt_s, window, window=method.window)
     raise ValueError(f"unknown method kind {method.kind!r}")

@@ -20,10 +20,11 @@ from msam.core.perturbation import (
     perturbation,
     perturbation_norm,
 )
+from msam.core.schedule import Schedule
 
 __all__ = [
     "EPS", "RULES", "ASAMRule", "BatchNormPolicy", "FriendlySAMRule", "GCSAMRule", "GSAMRule",
     "WSAMRule", "NonFiniteFlags", "NonFiniteLossError",
-    "PerturbationRule", "SAMRule", "batch_size", "combine_running_stats", "make_rule",
+    "PerturbationRule", "SAMRule", "Schedule", "batch_size", "combine_running_stats", "make_rule",
     "perturbation", "perturbation_norm", "resolve_micro_batches", "split_batch",
 ]

@@ -386,6 +386,7 @@ class DistributedMSAM(MSAM):
             self.process_group = None
             self.world_size, self.rank = 1, 0
             self._comm_device = torch.device("cpu")
+        self._check_schedule()
         self._needs_sync = False
         #: Collective calls made by this optimizer itself (DDP's bucket all-reduces not counted).
         self.comm_counts = {"ascent_allreduce": 0, "error_check": 0, "grad_sync": 0}
@@ -479,6 +480,17 @@ class DistributedMSAM(MSAM):
         super().load_state_dict(state_dict)
         if self.ddp is not None:
             self.engine.strategy = self._ddp_strategy
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        """Schedules: an off-step is one full-batch pass whose backward DDP all-reduces (the
+        evaluator's last, synchronised pass). The reuse direction would be made from each
+        rank's own clean gradient, so the ranks would diverge: refused for world_size > 1."""
+        if self.schedule.reuse is not None and self.world_size > 1:
+            raise ValueError(
+                f"reuse: {self.schedule.reuse!r} is not supported by DistributedMSAM with "
+                f"world_size={self.world_size} (each rank's reuse direction would differ); "
+                "use every/start_step without reuse")
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + (

@@ -35,7 +35,7 @@ from msam.core.batch import batch_size, resolve_micro_batches, split_batch
 from msam.core.batchnorm import BatchNormPolicy, BatchNormStep
 from msam.core.nonfinite import NonFiniteFlags, NonFiniteLossError
 from msam.core.perturbation import PerturbationRule, make_rule
-from msam.strategies import ClosureStrategy, StepContext, Strategy, make_strategy
+from msam.strategies import ClosureStrategy, LoopStrategy, StepContext, Strategy, make_strategy
 from msam.strategies.auto import timed
 
 __all__ = ["GradientEngine", "GradientResult", "validate_eta", "validate_rho"]
@@ -97,6 +97,8 @@ class _Spec:
     loss_scale: torch.Tensor | None
     grad_weight: float
     fresh: bool
+    plain: bool = False   # an off-step of a schedule: one pass over the whole batch at w
+    observer: Callable[[Any, float], None] | None = None   # sees each g_j (reuse schedules)
 
 
 class GradientEngine:
@@ -157,7 +159,8 @@ class GradientEngine:
 
     # -- the path ---------------------------------------------------------------------------
     def _path(self, strategy: Strategy, ctx: StepContext, groups: Sequence[Mapping[str, Any]],
-              active: bool) -> torch.Tensor:
+              active: bool, observer: Callable[[Any, float], None] | None = None
+              ) -> torch.Tensor:
         """split -> g_j -> e_j -> h_j -> sum_j (n_j/n) h_j into p.grad; returns the mean L(w)."""
         flags, total = ctx.flags, torch.zeros((), dtype=torch.float64, device=ctx.params[0].device)
         rule = self.rule
@@ -169,6 +172,8 @@ class GradientEngine:
             else:
                 losses, offsets, kept = [], [], []
                 for j, (loss, g_j) in zip(idx, strategy.ascent(ctx, idx)):
+                    if observer is not None:
+                        observer(g_j, ctx.micro_batches[j][1])
                     if rule.observes:
                         rule.observe(g_j, ctx.micro_batches[j][1])
                     e_j, norm = rule(g_j, ctx.pert_params, groups, owned=not rule.combines)
@@ -234,8 +239,9 @@ class GradientEngine:
                         p.grad = old
 
         groups = [spec.groups[i] for i in spec.perturbed]
-        active = bool(spec.perturbed) and self.rule.active(groups)
-        if self.rule.observes:
+        active = not spec.plain and bool(spec.perturbed) and self.rule.active(groups)
+        observes = self.rule.observes and not spec.plain
+        if observes:
             self.rule.begin_step()
         try:
             with self.bn.step() as bn:
@@ -245,7 +251,7 @@ class GradientEngine:
                     loss_scale=spec.loss_scale, grad_weight=spec.grad_weight, model=self.model,
                 )
                 with strategy.session(ctx):
-                    loss = self._path(strategy, ctx, groups, active)
+                    loss = self._path(strategy, ctx, groups, active, spec.observer)
                     bad = ctx.flags.first()  # the one host sync of the step
                     if bad is not None:
                         raise NonFiniteLossError(*bad)
@@ -255,7 +261,7 @@ class GradientEngine:
             undo_grads()
             raise
         result = GradientResult(loss.to(params[0].dtype), bn=bn, undo_grads=undo_grads,
-                                rule_commit=self.rule.end_step if self.rule.observes else None)
+                                rule_commit=self.rule.end_step if observes else None)
         if commit:
             result.commit()
         return result
@@ -272,19 +278,28 @@ class GradientEngine:
         grad_weight: float = 1.0,
         fresh: bool = True,
         commit: bool = True,
+        plain: bool = False,
+        observer: Callable[[Any, float], None] | None = None,
     ) -> GradientResult:
         """Write (``fresh=True``) or add (``fresh=False``) the mSAM gradient into ``p.grad``.
 
         ``groups[i]`` is parameter ``i``'s param group (``rho``, ``eta``, ...), ``perturb[i]``
         whether ``e_j`` moves it. ``commit=False`` leaves the BatchNorm statistics to
         :meth:`GradientResult.commit` (the optimizer commits them after its base step).
+        ``plain=True`` (a schedule's off-step, :mod:`msam.core.schedule`): the batch is not
+        split and not perturbed -- one forward + backward over it at ``w`` (the loop evaluator,
+        or the strategy's own when it is one, e.g. DDP's), with the same BatchNorm rule,
+        non-finite checks and restore. ``observer(g_j, n_j / n)`` sees each ascent gradient.
         """
         if not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         params = list(params)
         if not params:
             raise ValueError("params: no parameter requires grad")
-        fn, micro = self._split(loss_fn, batch)
+        if plain and batch is not None:
+            fn, micro = loss_fn, [(batch, 1.0)]
+        else:
+            fn, micro = self._split(loss_fn, batch)
         if scaler is not None and not scaler.is_enabled():
             scaler = None
         loss_scale = None
@@ -292,8 +307,14 @@ class GradientEngine:
             # The scale stays on the device (no host sync); scale() creates it lazily there.
             loss_scale = scaler.scale(torch.ones((), device=params[0].device))
         spec = _Spec(fn, micro, params, list(groups), [i for i, k in enumerate(perturb) if k],
-                     loss_scale, float(grad_weight), fresh)
-        strategy = ClosureStrategy() if batch is None else self._resolve(spec)
+                     loss_scale, float(grad_weight), fresh, plain, observer)
+        if batch is None:
+            strategy: Strategy = ClosureStrategy()
+        elif plain:
+            strategy = self.strategy if isinstance(self.strategy, LoopStrategy) \
+                else LoopStrategy()
+        else:
+            strategy = self._resolve(spec)
         try:
             return self._run(strategy, spec, commit=commit)
         except NonFiniteLossError as err:

@@ -47,6 +47,9 @@ Notes:
   running statistics updated once per step from the unperturbed pass.
 * **state_dict** holds the base optimizer's full state (momentum buffers, Adam moments) plus the
   mSAM settings, so a resumed run continues bit-identically.
+* **Schedules** (:mod:`msam.core.schedule`, docs/schedules.md): ``every=k`` perturbs on steps
+  ``0, k, 2k, ...``, ``start_step=s`` only from step ``s`` on, ``reuse="looksam"`` reuses the
+  perturbation's gradient component in between; other steps are one plain pass and a base step.
 """
 
 from __future__ import annotations
@@ -62,10 +65,11 @@ from torch.optim import Optimizer
 
 from msam.core.batchnorm import BatchNormStep
 from msam.core.perturbation import PerturbationRule
+from msam.core.schedule import Schedule, validate_schedule_state
 from msam.optim.engine import GradientEngine, GradientResult, validate_eta, validate_rho
 from msam.strategies import STRATEGIES, Strategy, make_strategy
 
-__all__ = ["ASAM", "MSAM", "SAM", "msam_gradient"]
+__all__ = ["ASAM", "MSAM", "SAM", "Schedule", "msam_gradient"]
 
 _STATE_KEY = "msam"
 _STATE_VERSION = 2
@@ -104,6 +108,10 @@ class MSAM(Optimizer):
         max_grad_norm: clip the averaged gradient to this global L2 norm before the base step.
         nonfinite: ``"raise"`` (default) raises ``FloatingPointError`` on an inf/NaN loss or
             gradient; ``"skip"`` skips the step. Either way nothing was changed.
+        every, start_step, reuse, reuse_alpha: the schedule (:mod:`msam.core.schedule`):
+            perturb on steps ``start_step + i * every`` only; ``reuse="looksam"`` (LookSAM,
+            Liu et al. 2022) reuses the perturbation's component in between. Or pass
+            ``schedule=msam.Schedule(...)``. Saved in ``state_dict``.
     """
 
     def __init__(
@@ -122,8 +130,14 @@ class MSAM(Optimizer):
         perturb: Iterable[torch.Tensor] | None = None,
         max_grad_norm: float | None = None,
         nonfinite: str = "raise",
+        every: int = 1,
+        start_step: int = 0,
+        reuse: str | None = None,
+        reuse_alpha: float = 0.7,
+        schedule: Schedule | None = None,
         **base_kwargs: Any,
     ) -> None:
+        self.schedule = _make_schedule(schedule, every, start_step, reuse, reuse_alpha)
         rho = validate_rho(rho)
         eta = validate_eta(eta)
         if max_grad_norm is not None and (
@@ -189,6 +203,10 @@ class MSAM(Optimizer):
             if not ids <= known:
                 raise ValueError("perturb: contains parameters that are not in params")
             self._perturb_ids = ids
+        if self.schedule.reuse is not None and perturb is not None:
+            raise ValueError(f"reuse: {self.schedule.reuse!r} needs every parameter perturbed "
+                             "(its direction is made from the clean gradient of the perturbed "
+                             "ones); drop perturb= or reuse")
         self._pending = False
         self._two_step: tuple[list[torch.Tensor], list[torch.Tensor], Any] | None = None
         self.steps = 0
@@ -258,15 +276,23 @@ class MSAM(Optimizer):
         """
         self._check_no_two_step("accumulate")
         params, groups, perturb = self._per_param()
+        on = self.schedule.perturbs(self.steps)
         # The first call after a step starts from zero; later calls add to it.
-        result = self.engine.compute(
-            loss_fn, batch, params, groups, perturb, scaler=scaler,
-            grad_weight=float(scale), fresh=not self._pending,
-        )
+        try:
+            result = self.engine.compute(
+                loss_fn, batch, params, groups, perturb, scaler=scaler,
+                grad_weight=float(scale), fresh=not self._pending, plain=not on,
+                observer=self.schedule.observer(float(scale)) if on else None,
+            )
+        except BaseException:
+            self.schedule.drop_call()
+            raise
         self.last_result = result
         if result.skipped:
+            self.schedule.drop_call()
             self.skipped_steps += 1
             return result.loss
+        self.schedule.keep_call(fresh=not self._pending)
         self._pending = True
         return result.loss
 
@@ -308,7 +334,7 @@ class MSAM(Optimizer):
                     "msam.integrations: huggingface.MSAMTrainer (Hugging Face Trainer), "
                     "accelerate.backward (accelerate); see docs/integrations.md"
                 )
-            self._base_step(scaler)
+            self._scheduled_base_step(scaler)
             return None
         if self._pending:
             raise RuntimeError(
@@ -316,23 +342,42 @@ class MSAM(Optimizer):
                 "to apply the accumulated gradient"
             )
         params, groups, perturb = self._per_param()
-        result = self.engine.compute(
-            loss_fn, batch, params, groups, perturb, scaler=scaler, fresh=True, commit=False,
-        )
+        on = self.schedule.perturbs(self.steps)
+        try:
+            result = self.engine.compute(
+                loss_fn, batch, params, groups, perturb, scaler=scaler, fresh=True,
+                commit=False, plain=not on, observer=self.schedule.observer(1.0) if on else None,
+            )
+        except BaseException:
+            self.schedule.drop_call()
+            raise
         self.last_result = result
         if result.skipped:
+            self.schedule.drop_call()
             self.skipped_steps += 1
             if scaler is not None and scaler.is_enabled():
                 self._report_overflow(scaler)
             return result.loss
+        self.schedule.keep_call(fresh=True)
         try:
-            self._base_step(scaler)
+            self._scheduled_base_step(scaler)
         except BaseException:
             if result.undo_grads is not None:
                 result.undo_grads()
             raise
         result.commit()
         return result.loss
+
+    def _scheduled_base_step(self, scaler: Any) -> None:
+        """The base step, with the reuse schedule's change to ``.grad`` (undone if the base
+        optimizer raises; its new direction kept only if it does not)."""
+        pending = self.schedule.finish(self._params(), self.schedule.perturbs(self.steps))
+        try:
+            self._base_step(scaler)
+        except BaseException:
+            pending.undo()
+            raise
+        pending.commit()
 
     def base_step(self, scaler: Any = None) -> None:
         """The base optimizer's step on the gradient in ``p.grad`` as it is (clipped with
@@ -389,6 +434,9 @@ class MSAM(Optimizer):
         running statistics are frozen until :meth:`second_step` (the perturbed pass updates
         none). ``m = 1`` only: micro-batches need ``step(loss_fn, batch)``."""
         self._check_no_two_step("first_step")
+        if not self.schedule.trivial:
+            raise ValueError(f"first_step: the two-step API perturbs on every call; with a "
+                             f"schedule ({self.schedule!r}) use opt.step(loss_fn, batch)")
         if (self.engine.micro_batches or 1) != 1 or self.engine.micro_batch_size is not None:
             raise ValueError(
                 "first_step: the two-step API perturbs once per batch (m = 1); with "
@@ -454,6 +502,7 @@ class MSAM(Optimizer):
             "nonfinite": self.engine.nonfinite,
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
+            "schedule": self.schedule.state_dict(),
         }
         return sd
 
@@ -492,6 +541,12 @@ class MSAM(Optimizer):
         rule_state = settings["rule"]
         if rule_state is not None:
             self.engine.rule.load_state_dict(rule_state)
+        schedule = Schedule()
+        schedule.load_state_dict(settings["schedule"], self._params(),
+                                 f"state_dict[{_STATE_KEY!r}]")
+        if schedule.reuse is not None and self._perturb_ids is not None:
+            raise ValueError(f"state_dict[{_STATE_KEY!r}]: schedule.reuse needs every parameter "
+                             "perturbed, this optimizer has perturb=")
         sd = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
         self.base_optimizer.load_state_dict(sd)
         self._link()
@@ -502,6 +557,7 @@ class MSAM(Optimizer):
         self.max_grad_norm = settings["max_grad_norm"]
         self.steps = settings["steps"]
         self.skipped_steps = settings["skipped_steps"]
+        self.schedule = schedule
         self._pending = False
 
     def __repr__(self) -> str:
@@ -509,8 +565,21 @@ class MSAM(Optimizer):
             f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, "
             f"rho={self.defaults['rho']}, micro_batches={self.engine.micro_batches}, "
             f"micro_batch_size={self.engine.micro_batch_size}, rule={self.engine.rule.name!r}, "
-            f"strategy={self.engine.strategy_name!r})"
+            f"strategy={self.engine.strategy_name!r}"
+            + ("" if self.schedule.trivial else f", schedule={self.schedule!r}") + ")"
         )
+
+
+def _make_schedule(schedule: Schedule | None, every: Any, start_step: Any, reuse: Any,
+                   reuse_alpha: Any) -> Schedule:
+    if schedule is None:
+        return Schedule(every, start_step, reuse, reuse_alpha)
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a msam.Schedule, got {type(schedule).__name__}")
+    if (every, start_step, reuse, reuse_alpha) != (1, 0, None, 0.7):
+        raise ValueError("schedule: give schedule= or every/start_step/reuse/reuse_alpha, "
+                         "not both")
+    return schedule
 
 
 def _validated_settings(extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -551,8 +620,9 @@ def _validated_settings(extra: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{where}: {key} must be an integer >= 0, got {v!r}")
         counts[key] = v
+    schedule = validate_schedule_state(extra.get("schedule"), where)
     return {"micro_batches": mb, "micro_batch_size": mbs, "strategy": dict(strategy),
-            "rule": dict(rule), "nonfinite": nonfinite,
+            "rule": dict(rule), "nonfinite": nonfinite, "schedule": schedule,
             "max_grad_norm": None if mgn is None else float(mgn), **counts}
 
 
@@ -596,6 +666,8 @@ def msam_gradient(
     accumulate: bool = False,
     scale: float = 1.0,
     nonfinite: str = "raise",
+    schedule: Schedule | None = None,
+    step: int | None = None,
 ) -> torch.Tensor:
     """Fill ``p.grad`` with the mSAM gradient of ``batch`` and return the loss at ``w``.
 
@@ -608,7 +680,26 @@ def msam_gradient(
     .backward()``; if a pass overflows, the weights and BatchNorm buffers are restored and
     ``.grad`` is left non-finite, so that ``scaler.step(optimizer)`` skips the step and
     ``scaler.update()`` lowers the scale, exactly as with a plain AMP backward.
+
+    ``schedule=msam.Schedule(every=5, ...)`` with ``step=`` (the optimizer step this gradient
+    is for, 0-based): on the schedule's off-steps ``.grad`` gets the plain gradient of the
+    whole batch (one pass). The schedule object keeps the reuse direction (``reuse=``, which
+    needs ``accumulate=False``): pass the same object every step and save its
+    ``state_dict()`` with your checkpoint.
     """
+    if schedule is not None:
+        if not isinstance(schedule, Schedule):
+            raise ValueError(f"schedule must be a msam.Schedule, got {type(schedule).__name__}")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be the optimizer step (an integer >= 0) when a "
+                             f"schedule is given, got {step!r}")
+        if schedule.reuse is not None and (accumulate or perturb is not None):
+            raise ValueError(f"reuse: {schedule.reuse!r} in msam_gradient needs "
+                             "accumulate=False and perturb=None (use msam.MSAM.accumulate "
+                             "to accumulate with reuse)")
+    elif step is not None:
+        raise ValueError("step: given without schedule")
+    on = schedule is None or schedule.perturbs(step)  # type: ignore[arg-type]
     rho = validate_rho(rho)
     eta = validate_eta(eta)
     params = [p for p in _flatten_params(params) if p.requires_grad]
@@ -620,11 +711,23 @@ def msam_gradient(
         rule=rule, strategy=strategy, model=model, nonfinite=nonfinite,
     )
     group = {"rho": rho, "eta": eta}
-    result = engine.compute(
-        loss_fn, batch, params, [group] * len(params),
-        [ids is None or id(p) in ids for p in params], scaler=scaler,
-        grad_weight=float(scale), fresh=not accumulate,
-    )
+    observer = schedule.observer(float(scale)) if schedule is not None and on else None
+    try:
+        result = engine.compute(
+            loss_fn, batch, params, [group] * len(params),
+            [ids is None or id(p) in ids for p in params], scaler=scaler,
+            grad_weight=float(scale), fresh=not accumulate, plain=not on, observer=observer,
+        )
+    except BaseException:
+        if schedule is not None:
+            schedule.drop_call()
+        raise
+    if schedule is not None:
+        if result.skipped:
+            schedule.drop_call()
+        else:
+            schedule.keep_call(fresh=True)
+            schedule.finish(params, on).commit()
     if result.skipped and scaler is not None and scaler.is_enabled():
         with torch.no_grad():
             p = params[0]

@@ -69,7 +69,9 @@ SCHEDULES = ("cosine", "step", "constant")
 STRATEGIES = ("loop", "vmap", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 NONFINITE = ("raise", "skip")
-STUDY_KEYS = ("grid", "per_method", "name", "plots", "select", "description")
+STUDY_KEYS = ("grid", "per_method", "name", "plots", "select", "description", "cases")
+#: Perturbation-schedule keys (docs/schedules.md); the base optimizer alone (sgd) ignores them.
+SCHEDULE_KEYS = ("every", "start_fraction", "start_epoch", "reuse", "reuse_alpha")
 #: Metrics a study may select on, and whether larger is better. Validation only: choosing a
 #: hyperparameter on the test set would make the reported test accuracy optimistic.
 SELECT_METRICS = {"val_acc": True, "val_loss": False}
@@ -201,6 +203,14 @@ class TrainConfig(_Schema):
     adam_eps: Float = _f(1e-8, "AdamW epsilon", gt=0)
     max_grad_norm: _opt(Float, gt=0) = _f(None, "clip the (averaged) gradient to this L2 norm")
     nonfinite: _choice(*NONFINITE) = _f("raise", "on an inf/NaN loss: raise, or skip the step")
+    # perturbation schedule (docs/schedules.md; ignored by sgd)
+    every: Int = _f(1, "perturb on every N-th step only; plain steps in between", ge=1)
+    start_fraction: Float = _f(0.0, "perturb only from this fraction of all steps on "
+                                    "(late-phase SAM)", ge=0, lt=1)
+    start_epoch: _opt(Float, ge=0) = _f(None, "alternatively: perturb from this epoch on")
+    reuse: _choice("none", "looksam") = _f("none", "on the steps between perturbations "
+                                                   "reuse the perturbation's gradient part")
+    reuse_alpha: Float = _f(0.7, "LookSAM alpha (reuse: looksam)", ge=0)
     # schedule
     schedule: _choice(*SCHEDULES) = _f("cosine", "per-step learning-rate schedule")
     warmup_epochs: Float = _f(0.0, "linear warmup length in epochs (may be fractional)", ge=0)
@@ -234,6 +244,8 @@ class TrainConfig(_Schema):
         validate(cfg, source)
         if cfg.optimizer == "sgd":
             cfg.rho, cfg.micro_batches = 0.0, 1
+            for key in SCHEDULE_KEYS:  # the base optimizer alone has no perturbation steps
+                setattr(cfg, key, TrainConfig.model_fields[key].default)
         elif cfg.optimizer == "sam":
             cfg.micro_batches = 1
         return cfg
@@ -253,6 +265,9 @@ class StudyConfig:
     select: dict[str, Any] | None = None
     #: Markdown shown at the top of summary.md: what the study is and why it is sized so.
     description: str = ""
+    #: ``[{every: 2}, {start_fraction: 0.75}]``: alternative cells (training-key mappings),
+    #: each crossed with the grid -- a union of settings where a grid would give a product.
+    cases: list[dict[str, Any]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # training keys, for cells
     source: str = "config"
 
@@ -264,6 +279,8 @@ class StudyConfig:
             out["select"] = copy.deepcopy(self.select)
         if self.description:
             out["description"] = self.description
+        if self.cases:
+            out["cases"] = copy.deepcopy(self.cases)
         return out
 
 
@@ -499,6 +516,12 @@ def validate(cfg: TrainConfig, where: Any = "config") -> None:
     if cfg.optimizer in ("msam", "asam"):
         _check(cfg.micro_batches <= cfg.batch_size, where, "micro_batches",
                f"is {cfg.micro_batches}, more than batch_size={cfg.batch_size}")
+    _check(cfg.start_epoch is None or cfg.start_fraction == 0, where, "start_epoch",
+           "and start_fraction are both set; give one of them")
+    _check(cfg.start_epoch is None or cfg.start_epoch < cfg.epochs, where, "start_epoch",
+           f"must be in [0, epochs={cfg.epochs}), got {cfg.start_epoch}")
+    _check(cfg.reuse == "none" or cfg.every >= 2, where, "reuse",
+           f"is {cfg.reuse!r} but every is {cfg.every}; reuse needs every >= 2")
     dev = cfg.device.lower()
     _check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
            where, "device", f"is {cfg.device!r}; use auto, cpu, cuda or cuda:N")
@@ -699,6 +722,7 @@ def study_from_dict(
     plots = raw.pop("plots", True)
     select = raw.pop("select", None)
     description = raw.pop("description", "") or ""
+    cases = raw.pop("cases", None) or []
     train = train_config_from_dict(raw, source, sources)
     if not isinstance(description, str):
         raise ConfigError(f"{where('description')}: key 'description' must be a string")
@@ -755,9 +779,20 @@ def study_from_dict(
                               f"'per_method.{method}.optimizer' is not allowed")
     if select is not None:
         select = _check_select(select, grid_axes, pm, where)
+    if not isinstance(cases, list) or not all(isinstance(c, Mapping) for c in cases):
+        raise ConfigError(f"{where('cases')}: key 'cases' must be a list of mappings "
+                          "{key: value}")
+    checked_cases = []
+    for i, case in enumerate(cases):
+        one = check_axes({k: [v] for k, v in case.items()}, f"cases[{i}]")
+        for k in one:
+            if k in ("optimizer", "seed") or k in grid_axes:
+                raise ConfigError(f"{where('cases')}: key 'cases[{i}].{k}' is also a grid axis "
+                                  "(or optimizer / seed); put it in one place")
+        checked_cases.append({k: v[0] for k, v in one.items()})
     return StudyConfig(train=train, grid=grid_axes, per_method=pm, name=name, plots=plots,
                        select=select, description=description.strip(), raw=dict(raw),
-                       source=source)
+                       source=source, cases=checked_cases)
 
 
 def _check_select(select: Any, grid: Mapping[str, list[Any]],
@@ -797,11 +832,36 @@ def load_study_config(
     return study_from_dict(raw, str(path), sources)
 
 
+def _default_of(key: str) -> Any:
+    """The schema default of a dotted training key (None for keys it does not know)."""
+    cls: Any = TrainConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        info = cls.model_fields.get(part) if isinstance(cls, type) else None
+        if info is None:
+            return None
+        tp, _ = _unwrap(info.annotation)
+        if i < len(parts) - 1:
+            if not (isinstance(tp, type) and issubclass(tp, BaseModel)):
+                return None
+            cls = tp
+            continue
+        default = info.get_default(call_default_factory=True)
+        return default.model_dump() if isinstance(default, BaseModel) else default
+    return None  # pragma: no cover - empty key
+
+
 def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
+    """Dotted keys whose values differ between two config dicts.
+
+    A key present in only one of them counts as the schema's default in the other, so a
+    record written before a key existed (e.g. ``every``) matches a config that leaves it at
+    its default.
+    """
     out = []
     for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
+        va = a[k] if k in a else _default_of(prefix + k)
+        vb = b[k] if k in b else _default_of(prefix + k)
         if isinstance(va, Mapping) and isinstance(vb, Mapping) and k != "model_options":
             out.extend(config_diff(va, vb, f"{prefix}{k}."))
         elif va != vb:

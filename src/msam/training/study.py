@@ -64,14 +64,18 @@ __all__ = ["StudyRun", "export_study", "expand_grid", "load_runs", "run_study", 
 
 # Keys a method does not use: they are dropped from its grid (and its run names).
 IGNORED_BY = {
-    "sgd": {"rho", "micro_batches", "eta", "strategy"},
+    "sgd": {"rho", "micro_batches", "eta", "strategy", "every", "start_fraction", "start_epoch",
+            "reuse", "reuse_alpha"},
     "sam": {"micro_batches", "eta"},
     "msam": {"eta"},
     "asam": set(),
 }
 _ABBREV = {"rho": "rho", "micro_batches": "m", "seed": "s", "label_noise": "noise",
            "batch_size": "bs", "weight_decay": "wd", "learning_rate": "lr", "lr": "lr",
-           "train_subset": "n", "epochs": "ep"}
+           "train_subset": "n", "epochs": "ep",
+           # schedules: msam_every5_s0, msam_late0.75_s0, msam_every5_reuselooksam_s0
+           "every": "every", "start_fraction": "late", "start_epoch": "from-ep",
+           "reuse": "reuse", "reuse_alpha": "alpha"}
 
 
 @dataclass
@@ -134,6 +138,7 @@ def expand_grid(study: StudyConfig) -> list[StudyRun]:
     grid = dict(study.grid)
     methods = list(grid.pop("optimizer", [base.optimizer]))
     seeds = list(grid.pop("seed", [base.seed]))
+    cases = study.cases or [{}]
     runs: list[StudyRun] = []
     seen: dict[str, StudyRun] = {}
     for method in dict.fromkeys(methods):
@@ -142,8 +147,9 @@ def expand_grid(study: StudyConfig) -> list[StudyRun]:
         axes = {**grid, **own}
         axes = {k: v for k, v in axes.items() if k.split(".")[0] not in IGNORED_BY[method]}
         keys = list(axes)
-        for combo in itertools.product(*(axes[k] for k in keys)):
-            values = dict(zip(keys, combo))
+        for combo, case in itertools.product(
+                itertools.product(*(axes[k] for k in keys)), cases):
+            values = {**dict(zip(keys, combo)), **case}
             actual = method
             if method == "msam" and values.get("micro_batches", base.micro_batches) == 1:
                 actual = "sam"  # mSAM with one micro-batch is SAM

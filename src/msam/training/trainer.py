@@ -228,8 +228,23 @@ def _build_model(cfg: TrainConfig, data: _Data) -> nn.Module:
         raise ConfigError(f"config: key 'model_options' for model {cfg.model!r}: {err}") from err
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The run's optimizer: the base optimizer alone (``sgd``) or :class:`msam.MSAM` around it."""
+def start_step(cfg: TrainConfig, steps_per_epoch: int | None) -> int:
+    """The first perturbation step of the run's schedule: ``start_fraction`` of all
+    ``epochs * steps_per_epoch`` steps, or ``start_epoch * steps_per_epoch`` (rounded)."""
+    if cfg.start_fraction == 0 and not cfg.start_epoch:
+        return 0
+    if steps_per_epoch is None:
+        raise ValueError("steps_per_epoch: needed to turn start_fraction / start_epoch into a "
+                         "step")
+    if cfg.start_epoch is not None:
+        return int(round(cfg.start_epoch * steps_per_epoch))
+    return int(round(cfg.start_fraction * cfg.epochs * steps_per_epoch))
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module,
+                    steps_per_epoch: int | None = None) -> torch.optim.Optimizer:
+    """The run's optimizer: the base optimizer alone (``sgd``) or :class:`msam.MSAM` around it
+    (with the perturbation schedule of ``every`` / ``start_*`` / ``reuse``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.base == "sgd":
         base_cls: type[torch.optim.Optimizer] = torch.optim.SGD
@@ -245,7 +260,9 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
         params, base_cls, rho=cfg.rho,
         micro_batches=1 if cfg.optimizer == "sam" else cfg.micro_batches,
         adaptive=cfg.optimizer == "asam", eta=cfg.eta, strategy=cfg.strategy, model=model,
-        max_grad_norm=cfg.max_grad_norm, nonfinite=cfg.nonfinite, **kwargs,
+        max_grad_norm=cfg.max_grad_norm, nonfinite=cfg.nonfinite, every=cfg.every,
+        start_step=start_step(cfg, steps_per_epoch),
+        reuse=None if cfg.reuse == "none" else cfg.reuse, reuse_alpha=cfg.reuse_alpha, **kwargs,
     )
 
 
@@ -653,7 +670,7 @@ def _train(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.devic
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     model = _build_model(cfg, data).to(device)
-    opt = build_optimizer(cfg, model)
+    opt = build_optimizer(cfg, model, steps_per_epoch)
     scheduler, factor = _build_scheduler(cfg, opt, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     autocast = _autocast(cfg, device)
@@ -692,7 +709,9 @@ def _train(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.devic
         start_files.update(_metrics_files(history))
     files.write(start_files)
     if ckpt is None:
-        log(f"{cfg.optimizer} ({cfg.base}) rho={cfg.rho} m={cfg.micro_batches} on "
+        sched = getattr(opt, "schedule", None)
+        sched_text = "" if sched is None or sched.trivial else f" {sched!r}"
+        log(f"{cfg.optimizer} ({cfg.base}) rho={cfg.rho} m={cfg.micro_batches}{sched_text} on "
             f"{cfg.dataset} ({info['sizes']['train']} train) with {cfg.model} "
             f"({info['parameters']:,} params), {cfg.epochs} epochs x {steps_per_epoch} steps, "
             f"{device}")
