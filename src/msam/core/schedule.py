@@ -151,11 +151,12 @@ class Schedule:
         def observe(grads: Sequence[Any], w_j: float) -> None:
             if self._call is None:
                 self._call = [None] * len(grads)
-            c = weight * w_j
+            call, c = self._call, weight * w_j
             for i, g in enumerate(grads):
                 if g is None:
                     continue
-                self._call[i] = g * c if self._call[i] is None else self._call[i].add_(g, alpha=c)
+                acc = call[i]
+                call[i] = g * c if acc is None else acc.add_(g, alpha=c)
 
         return observe
 
@@ -168,9 +169,11 @@ class Schedule:
             self._clean = call
             return
         with torch.no_grad():
+            clean = self._clean
             for i, g in enumerate(call):
                 if g is not None:
-                    self._clean[i] = g if self._clean[i] is None else self._clean[i].add_(g)
+                    acc = clean[i]
+                    clean[i] = g if acc is None else acc.add_(g)
 
     def drop_call(self) -> None:
         self._call = None
