@@ -149,12 +149,13 @@ def _full(model: nn.Module) -> list[torch.Tensor]:
     return [p.full_tensor().detach() for p in model.parameters()]
 
 
-def _locals(model: nn.Module, opt: Any) -> list[torch.Tensor]:
+def _locals(model: nn.Module, opt: Any, grads: bool = True) -> list[torch.Tensor]:
     """Every local shard: parameters, gradients, base-optimizer state (in a fixed order)."""
     out = []
     for p in model.parameters():
         out.append(p.to_local().detach().clone())
-        out.append(torch.tensor([]) if p.grad is None else p.grad.to_local().clone())
+        if grads:
+            out.append(torch.tensor([]) if p.grad is None else p.grad.to_local().clone())
         for _k, v in sorted(opt.base_optimizer.state.get(p, {}).items()):
             out.append(v.to_local().clone() if hasattr(v, "to_local") else torch.as_tensor(v))
     return out
@@ -289,13 +290,15 @@ def scenario_faults(rank: int, world: int, out: Path) -> dict:
         copt = ShardedMSAM(control, cls, rho=0.1, micro_batches=m, **kw)
         for mdl, o in ((model, opt), (control, copt)):
             o.step(make_loss(mdl, None), batch(0))
-        snap = _locals(model, opt)
+        snap = _locals(model, opt, grads=False)
         try:
             opt.step(make_loss(model, plant), batch(1))
             outcome = "ok"
         except Exception as err:  # noqa: BLE001 - recorded
             outcome = f"{type(err).__name__}: {err}"
-        unchanged = _bitwise(snap, _locals(model, opt))
+        # weights and optimizer state as before; .grad dropped (ShardedMSAM frees it first)
+        unchanged = _bitwise(snap, _locals(model, opt, grads=False)) and all(
+            p.grad is None for p in model.parameters())
         # carry on: the next step equals the control run's next step, bit for bit
         for mdl, o in ((model, opt), (control, copt)):
             o.step(make_loss(mdl, None), batch(2))

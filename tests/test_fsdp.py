@@ -63,7 +63,7 @@ def test_failing_micro_batch_restores_every_shard_and_raises_everywhere(ranks, n
         else:
             assert res["outcome"].startswith("DistributedStepError:"), res
             assert f"rank {failing}: {message}" in res["outcome"]
-        assert res["unchanged"], res      # params, grads, optimizer state: bit-identical
+        assert res["unchanged"], res      # params, optimizer state: bit-identical
         assert res["recovery"], res       # and the next step equals an undisturbed run's
 
 

@@ -191,6 +191,7 @@ class PerturbationRule:
     def __call__(self, grads: Tensors, params: Sequence[torch.Tensor],
                  groups: Sequence[Mapping[str, Any]], *, owned: bool = False,
                  reduce_sq: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 exclusive: bool = False,
                  ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
         """``owned=True``: the caller hands the gradients over and discards them, so ``e_i``
         may be written into ``grads[i]`` where that is safe (saves one parameter-sized
@@ -199,7 +200,10 @@ class PerturbationRule:
         ``reduce_sq`` (sharded parameters, :mod:`msam.distributed.sharded`): ``grads`` and
         ``params`` are this rank's shards; the norm is ``sqrt(reduce_sq(local sum of
         squares))``, ``reduce_sq`` being one all-reduce over the shards. Only rules whose
-        direction and norm terms are elementwise (SAM, ASAM) are correct on shards."""
+        direction and norm terms are elementwise (SAM, ASAM) are correct on shards.
+        ``exclusive=True`` (with ``owned``): the caller also guarantees that the gradients are
+        distinct, non-overlapping and referenced by nothing else, even where they are views
+        into one buffer (FSDP's reduce-scatter output), so every one may hold ``e_i``."""
         idx = [i for i, g in enumerate(grads) if g is not None]
         out: list[torch.Tensor | None] = [None] * len(grads)
         if not idx and reduce_sq is None:
@@ -213,7 +217,8 @@ class PerturbationRule:
         del terms
         dirs = [self.direction(g, params[i], groups[i]) for i, g in zip(idx, present)]
         seen: set[int] = set()
-        writable = [d is not g or (owned and _writable(g, seen)) for d, g in zip(dirs, present)]
+        writable = [d is not g or (owned and (exclusive or _writable(g, seen)))
+                    for d, g in zip(dirs, present)]
         for i, e in zip(idx, _scaled_by_norm(dirs, writable, idx, groups, norm)):
             out[i] = e
         return out, norm

@@ -349,6 +349,13 @@ class ShardedMSAM(MSAM):
             raise ValueError("ShardedMSAM.step: needs loss_fn and batch (a closure cannot be "
                              "scheduled around FSDP's collectives)")
         self._no_scaler(scaler)
+        if loss_fn is not None and not self._pending:
+            # Drop the previous step's gradient shards now, as zero_grad() does before a plain
+            # FSDP step, instead of keeping them for the engine's .grad restore (one shard).
+            # A failed step therefore leaves .grad None; weights and optimizer state are
+            # restored exactly.
+            for p in self._params():
+                p.grad = None
         return super().step(loss_fn, batch)
 
     def accumulate(self, loss_fn: Callable[..., torch.Tensor], batch: Any = None, *,
@@ -439,7 +446,9 @@ class _ShardedRule(PerturbationRule):
 
     def __call__(self, grads, params, groups, *, owned=False, reduce_sq=None):
         shards = [local(p) for p in params]
-        return self.inner(grads, shards, groups, owned=owned,
+        # The ascent hands over its shards of g_j, views into FSDP's reduce-scatter output
+        # that nothing else references: e_j is written into them (no second shard).
+        return self.inner(grads, shards, groups, owned=owned, exclusive=owned,
                           reduce_sq=lambda sq: self.opt._all_reduce_sum(sq, "norm_allreduce"))
 
     def validate_group(self, group, where):
