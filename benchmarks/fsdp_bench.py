@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=24, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--memory-repeats", type=int, default=5)
     p.add_argument("--markdown", default=None, help="write the table here (rank 0)")
     args = p.parse_args(argv)
 
@@ -160,11 +161,14 @@ def main(argv: list[str] | None = None) -> dict:
             warnings.simplefilter("ignore")
             _cpu_step_peak(lambda n=name: step(n, data[0]))      # leftovers get known sizes
             state = state_bytes(name, data[0])
-            # the smallest of 3 measured steps (frees of gloo's buffers vary a little)
-            peak = min(_cpu_step_peak(lambda n=name: step(n, data[0])) for _ in range(3))
-        vals = torch.tensor([state, state + peak], dtype=torch.float64)
+            # 5 measured steps: when gloo's all-gather / reduce-scatter buffers are freed
+            # varies from step to step (by up to a few shards here); min and max reported
+            peaks = [_cpu_step_peak(lambda n=name: step(n, data[0]))
+                     for _ in range(args.memory_repeats)]
+        vals = torch.tensor([state, state + min(peaks), state + max(peaks)],
+                            dtype=torch.float64)
         dist.all_reduce(vals, op=dist.ReduceOp.MAX)
-        memory[name] = {"state": int(vals[0]), "peak": int(vals[1])}
+        memory[name] = {"state": int(vals[0]), "peak": int(vals[1]), "peak_max": int(vals[2])}
     per_round = max(1, args.steps // args.rounds)
     for rnd in range(args.rounds):
         for name in runs:
@@ -188,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
             "q3_ms": 1e3 * q[2], "vs_base_same_m": med[name] / med[base_name],
             "vs_base_m1": med[name] / med["fsdp-base-m1"],
             "state_kib": memory[name]["state"] / 1024, "peak_kib": memory[name]["peak"] / 1024,
+            "peak_max_kib": memory[name]["peak_max"] / 1024,
             "over_base_kib": over / 1024, "over_in_shards": over / shard_bytes,
         })
     if rank == 0:
@@ -200,13 +205,14 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{os.cpu_count()} CPUs")
         lines = [f"Command: `{cmd}`", "", head, "",
                  "| configuration | median ms (IQR) | vs FSDP-base same m | vs FSDP-base m=1 | "
-                 "state KiB | peak KiB / rank | peak over FSDP-base same m | in shards |",
+                 "state KiB | peak KiB / rank, min (max) | min peak over FSDP-base same m | "
+                 "in shards |",
                  "|---|---|---|---|---|---|---|---|"]
         for row in rows:
             lines.append(
                 f"| {row['config']} | {row['median_ms']:.1f} ({row['q1_ms']:.1f}-"
                 f"{row['q3_ms']:.1f}) | {row['vs_base_same_m']:.3f} | {row['vs_base_m1']:.3f} | "
-                f"{row['state_kib']:.0f} | {row['peak_kib']:.0f} | "
+                f"{row['state_kib']:.0f} | {row['peak_kib']:.0f} ({row['peak_max_kib']:.0f}) | "
                 f"{row['over_base_kib']:+.0f} KiB | {row['over_in_shards']:+.2f} |")
         print("\n".join(lines))
         if args.markdown:

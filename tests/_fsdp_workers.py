@@ -223,6 +223,37 @@ def scenario_equivalence(rank: int, world: int, out: Path) -> dict:
     }
 
 
+def scenario_accumulate(rank: int, world: int, out: Path) -> dict:
+    """accumulate() over 2 loader batches (scale 1/2) then step() = the reference's average."""
+    from msam.distributed import ShardedMSAM
+
+    from reference import reference_msam_grad
+
+    cls, kw = BASES["sgd"]
+    m, rho = 2, 0.1
+    model = _sharded(0)
+    opt = ShardedMSAM(model, cls, rho=rho, micro_batches=m, **kw)
+    ref = _net(0)
+    ref_opt = cls(ref.parameters(), **kw)
+    diffs = []
+    for step in range(2):
+        batches = [_global_batch(10 + 2 * step + k) for k in range(2)]
+        for b in batches:
+            opt.accumulate(lambda mb: nn.functional.cross_entropy(model(mb[0]), mb[1]),
+                           _local(b, rank, world), scale=0.5)
+        opt.step()
+        total = None
+        for b in batches:
+            g, _ = reference_msam_grad(ref, _ce, _union_order(b, world, m), m, rho)
+            total = g if total is None else {k: total[k] + g[k] for k in g}
+        for n, p in ref.named_parameters():
+            p.grad = total[n] / 2
+        ref_opt.step()
+        diffs.append(max(float((a - b.detach()).abs().max())
+                         for a, b in zip(_full(model), ref.parameters())))
+    return {"param_diff": diffs}
+
+
 def scenario_resume(rank: int, world: int, out: Path) -> dict:
     from msam.distributed import ShardedMSAM, load_sharded_checkpoint, save_sharded_checkpoint
 
@@ -371,6 +402,7 @@ def scenario_errors(rank: int, world: int, out: Path) -> dict:
 
 SCENARIOS = {
     "equivalence": scenario_equivalence,
+    "accumulate": scenario_accumulate,
     "resume": scenario_resume,
     "faults": scenario_faults,
     "mixed_precision": scenario_mixed_precision,

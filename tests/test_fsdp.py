@@ -41,6 +41,11 @@ def test_sharded_equals_single_process_reference(ranks, name, m):
     assert ranks[0]["equivalence"][name]["shapes"] != ranks[1]["equivalence"][name]["shapes"]
 
 
+def test_accumulate_then_step_equals_reference(ranks):
+    for r in ranks:
+        assert max(r["accumulate"]["param_diff"]) < TOL, r["accumulate"]
+
+
 def test_resume_is_bit_identical(ranks):
     for r in ranks:
         res = r["resume"]

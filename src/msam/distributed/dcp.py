@@ -14,6 +14,8 @@ same world size the run then continues bit-identically (tested in float64).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,28 @@ def _state(model: nn.Module, opt: Any, extra: Any) -> dict[str, Any]:
 def save_sharded_checkpoint(path: str | Path, model: nn.Module, opt: Any,
                             extra: Any = None) -> None:
     """Save model shards, base-optimizer state, mSAM settings, RNG and ``extra`` (all ranks;
-    ``extra``: JSON-serialisable, e.g. ``{"epoch": 3, "step": 1200}``, the same on every rank)."""
-    dcp.save(_state(model, opt, extra), checkpoint_id=str(path))
+    ``extra``: JSON-serialisable, e.g. ``{"epoch": 3, "step": 1200}``, the same on every rank).
+
+    Written into ``<path>.tmp`` first; after every rank has finished, rank 0 swaps it into
+    place (rename), so an interrupted save leaves the previous checkpoint at ``path``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    dist.barrier()
+    dcp.save(_state(model, opt, extra), storage_writer=dcp.FileSystemWriter(str(tmp)))
+    dist.barrier()
+    if rank == 0:
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    dist.barrier()
 
 
 def load_sharded_checkpoint(path: str | Path, model: nn.Module, opt: Any) -> Any:
