@@ -35,7 +35,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -79,6 +79,16 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     norms = _tensor_norms(list(tensors))
     stacked = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
     return stacked.pow(2).sum().sqrt()
+
+
+def sum_of_squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_i ||t_i||^2`` as a 0-d float64 tensor (0 for no tensors), e.g. of one rank's
+    shards before the all-reduce that makes it global."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    norms = _tensor_norms(list(tensors))
+    device = tensors[0].device
+    return torch.stack([n.to(device=device, dtype=torch.float64) for n in norms]).pow(2).sum()
 
 
 def _covers_its_storage(t: torch.Tensor) -> bool:
@@ -179,21 +189,36 @@ class PerturbationRule:
 
     @torch.no_grad()
     def __call__(self, grads: Tensors, params: Sequence[torch.Tensor],
-                 groups: Sequence[Mapping[str, Any]], *, owned: bool = False
+                 groups: Sequence[Mapping[str, Any]], *, owned: bool = False,
+                 reduce_sq: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 exclusive: bool = False,
                  ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
         """``owned=True``: the caller hands the gradients over and discards them, so ``e_i``
         may be written into ``grads[i]`` where that is safe (saves one parameter-sized
-        buffer per micro-batch; the values are the same either way)."""
+        buffer per micro-batch; the values are the same either way).
+
+        ``reduce_sq`` (sharded parameters, :mod:`msam.distributed.sharded`): ``grads`` and
+        ``params`` are this rank's shards; the norm is ``sqrt(reduce_sq(local sum of
+        squares))``, ``reduce_sq`` being one all-reduce over the shards. Only rules whose
+        direction and norm terms are elementwise (SAM, ASAM) are correct on shards.
+        ``exclusive=True`` (with ``owned``): the caller also guarantees that the gradients are
+        distinct, non-overlapping and referenced by nothing else, even where they are views
+        into one buffer (FSDP's reduce-scatter output), so every one may hold ``e_i``."""
         idx = [i for i, g in enumerate(grads) if g is not None]
         out: list[torch.Tensor | None] = [None] * len(grads)
-        if not idx:
+        if not idx and reduce_sq is None:
             return out, torch.zeros((), dtype=torch.float64)
         present: list[torch.Tensor] = [g for g in grads if g is not None]
-        norm = global_norm([self.norm_terms(g, params[i], groups[i])
-                            for i, g in zip(idx, present)])
+        terms = [self.norm_terms(g, params[i], groups[i]) for i, g in zip(idx, present)]
+        if reduce_sq is None:
+            norm = global_norm(terms)
+        else:
+            norm = reduce_sq(sum_of_squares(terms)).sqrt()
+        del terms
         dirs = [self.direction(g, params[i], groups[i]) for i, g in zip(idx, present)]
         seen: set[int] = set()
-        writable = [d is not g or (owned and _writable(g, seen)) for d, g in zip(dirs, present)]
+        writable = [d is not g or (owned and (exclusive or _writable(g, seen)))
+                    for d, g in zip(dirs, present)]
         for i, e in zip(idx, _scaled_by_norm(dirs, writable, idx, groups, norm)):
             out[i] = e
         return out, norm

@@ -10,12 +10,18 @@
 
 Helpers: :func:`ddp_kwargs` (DDP arguments for per-rank BatchNorm statistics),
 :func:`average_batchnorm_buffers`, :func:`save_checkpoint` / :func:`load_checkpoint` (rank 0,
-atomic; bit-identical resume on the same number of ranks). Step-time benchmark:
+atomic; bit-identical resume on the same number of ranks).
+
+FSDP2 (``fully_shard``): :class:`ShardedMSAM` (global micro-batches, sharded perturbation),
+:func:`save_sharded_checkpoint` / :func:`load_sharded_checkpoint` (torch.distributed.checkpoint).
+
+Step-time benchmark:
 ``torchrun --nproc_per_node=2 -m msam.distributed.bench``. See ``docs/distributed.md``.
 """
 
 from msam.distributed.buffers import average_batchnorm_buffers, per_rank_batchnorm
 from msam.distributed.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from msam.distributed.dcp import load_sharded_checkpoint, save_sharded_checkpoint
 from msam.distributed.optimizer import (
     MODES,
     DistributedMSAM,
@@ -25,9 +31,11 @@ from msam.distributed.optimizer import (
     ddp_kwargs,
     unwrap_model,
 )
+from msam.distributed.sharded import FSDPStrategy, ShardedMSAM, fsdp_modules
 
 __all__ = [
-    "MODES", "CheckpointError", "DistributedMSAM", "DistributedStepError", "RemoteNonFiniteError",
-    "UnsupportedWrapperError", "average_batchnorm_buffers", "ddp_kwargs", "load_checkpoint",
-    "per_rank_batchnorm", "save_checkpoint", "unwrap_model",
+    "MODES", "CheckpointError", "DistributedMSAM", "DistributedStepError", "FSDPStrategy",
+    "RemoteNonFiniteError", "ShardedMSAM", "UnsupportedWrapperError", "average_batchnorm_buffers",
+    "ddp_kwargs", "fsdp_modules", "load_checkpoint", "load_sharded_checkpoint",
+    "per_rank_batchnorm", "save_checkpoint", "save_sharded_checkpoint", "unwrap_model",
 ]

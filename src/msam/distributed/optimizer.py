@@ -124,9 +124,11 @@ def _check_inner(module: nn.Module) -> None:
         if fsdp and isinstance(sub, fsdp):
             where = f" (submodule {name!r})" if name else ""
             raise UnsupportedWrapperError(
-                f"FSDP is not supported{where}: mSAM perturbs each rank's weights with that "
-                "rank's own full gradient, which sharded parameters and reduce-scattered "
-                f"gradients do not provide. {_SUPPORTED}."
+                f"FSDP is not supported by DistributedMSAM{where}: its local mode perturbs each "
+                "rank's weights with that rank's own full gradient, which sharded parameters "
+                "and reduce-scattered gradients do not provide. For FSDP2 (fully_shard) models "
+                "use msam.distributed.ShardedMSAM(model, base_optimizer, rho=..., "
+                f"micro_batches=m) (global micro-batches, sharded perturbation). {_SUPPORTED}."
             )
         if isinstance(sub, (nn.DataParallel, nn.parallel.DistributedDataParallel)) and name:
             raise UnsupportedWrapperError(

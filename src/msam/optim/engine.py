@@ -37,6 +37,7 @@ from msam.core.nonfinite import NonFiniteFlags, NonFiniteLossError
 from msam.core.perturbation import PerturbationRule, make_rule
 from msam.strategies import ClosureStrategy, LoopStrategy, StepContext, Strategy, make_strategy
 from msam.strategies.auto import timed
+from msam.strategies.base import local
 
 __all__ = ["GradientEngine", "GradientResult", "validate_eta", "validate_rho"]
 
@@ -193,7 +194,7 @@ class GradientEngine:
                 del offsets, kept
             for j, loss in zip(idx, losses):
                 total = total + loss.to(total) * ctx.micro_batches[j][1]
-        flags.check_grads([p.grad for p in ctx.params])
+        flags.check_grads([None if p.grad is None else local(p.grad) for p in ctx.params])
         return total
 
     def _combined_descent(self, strategy: Strategy, ctx: StepContext, idx: list[int],
@@ -257,7 +258,8 @@ class GradientEngine:
                         raise NonFiniteLossError(*bad)
         except BaseException:
             with torch.no_grad():
-                torch._foreach_copy_([params[i] for i in spec.perturbed], backup)
+                torch._foreach_copy_([local(params[i]) for i in spec.perturbed],
+                                     [local(b) for b in backup])
             undo_grads()
             raise
         result = GradientResult(loss.to(params[0].dtype), bn=bn, undo_grads=undo_grads,

@@ -32,7 +32,9 @@ from torch import nn
 from msam.core.batchnorm import BatchNormStep
 from msam.core.nonfinite import NonFiniteFlags, NonFiniteLossError
 
-__all__ = ["NonFiniteLossError", "StepContext", "Strategy", "check_loss", "fresh_autocast"]
+__all__ = [
+    "NonFiniteLossError", "StepContext", "Strategy", "check_loss", "fresh_autocast", "local",
+]
 
 Offsets = list[torch.Tensor | None]
 
@@ -76,6 +78,13 @@ def check_loss(loss: Any) -> torch.Tensor:
     if not loss.requires_grad:
         raise ValueError("loss_fn returned a loss that does not require grad (no parameter in it?)")
     return loss.reshape(())
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or for a sharded ``DTensor`` (FSDP2) this rank's shard: an alias, so a
+    write into it (under ``no_grad``) changes the shard."""
+    to_local = getattr(t, "to_local", None)
+    return t if to_local is None else to_local()
 
 
 def fresh_autocast() -> None:
