@@ -43,10 +43,10 @@ DEMO_CONFIG: dict[str, Any] = {
 
 #: The one line that says what the demo shows (printed before and after the table).
 DEMO_WHAT = (
-    "What you are looking at: 40% of the training labels are wrong; SGD memorises them (train "
-    "loss near 0, test accuracy on the clean test set drops), SAM less, and mSAM (one "
-    "perturbation per micro-batch) least: higher clean test accuracy and a flatter minimum "
-    "(smaller lambda_max, the largest Hessian eigenvalue of the training loss)."
+    "What you are looking at: 40% of the training labels are wrong; SGD fits many of them (lowest "
+    "train loss, measured on the noisy labels), which costs clean test accuracy; SAM fits fewer "
+    "and mSAM (one perturbation per micro-batch) fewest: higher clean test accuracy and a "
+    "flatter minimum (smaller lambda_max, the largest Hessian eigenvalue of the training loss)."
 )
 
 
