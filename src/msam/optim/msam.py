@@ -332,7 +332,8 @@ class MSAM(Optimizer):
                     "for an mSAM step, or opt.base_step() to apply a gradient you filled "
                     "yourself (e.g. with msam.msam_gradient). In a framework's training loop use "
                     "msam.integrations: huggingface.MSAMTrainer (Hugging Face Trainer), "
-                    "accelerate.backward (accelerate); see docs/integrations.md"
+                    "accelerate.backward (accelerate), lightning.MSAMModule / "
+                    "lightning.manual_step (Lightning); see docs/integrations.md"
                 )
             self._scheduled_base_step(scaler)
             return None
