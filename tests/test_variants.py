@@ -66,10 +66,10 @@ class Reference:
                 d = {k: (v - v.mean(dim=1, keepdim=True)) if v.dim() == 2 else v
                      for k, v in g.items()}
             elif self.kind == "friendlysam":
-                s, lam = self.hp["sigma"], self.hp["lmbda"]
+                sig, lam = self.hp["sigma"], self.hp["lmbda"]  # the paper's sigma, lambda
                 m_prev = self.ema or {k: torch.zeros_like(v) for k, v in g.items()}
-                m_t = {k: s * m_prev[k] + (1 - s) * g[k] for k in names}
-                d = {k: g[k] - lam * m_t[k] for k in names}
+                m_t = {k: lam * m_prev[k] + (1 - lam) * g[k] for k in names}
+                d = {k: g[k] - sig * m_t[k] for k in names}
             else:
                 d = g
             norm = torch.sqrt(_flat_dot(d, d))
@@ -88,9 +88,9 @@ class Reference:
             for k in names:
                 total[k] += wj * step[k]
         if self.kind == "friendlysam":
-            s = self.hp["sigma"]
+            lam = self.hp["lmbda"]
             m_prev = self.ema or {k: torch.zeros_like(v) for k, v in w.items()}
-            self.ema = {k: s * m_prev[k] + (1 - s) * gbatch[k] for k in names}
+            self.ema = {k: lam * m_prev[k] + (1 - lam) * gbatch[k] for k in names}
         return total
 
 
