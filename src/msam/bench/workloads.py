@@ -112,12 +112,16 @@ class Method:
     ``kind``: ``"sgd"`` (plain base optimizer, one forward + backward), ``"sam"`` (``msam.SAM``,
     the loop strategy with ``m = 1``), ``"msam"`` (``msam.MSAM`` with ``strategy`` and ``m``) or
     ``"accum"`` (plain SGD with the batch cut into ``m`` micro-batches and their gradients
-    accumulated: the compute floor of smaller micro-batches, with no SAM work at all).
+    accumulated: the compute floor of smaller micro-batches, with no SAM work at all), or
+    ``"variant"``: a rule of the SAM family (``rule``: ``"gsam"``, ``"friendlysam"``,
+    ``"wsam"``, ``"gcsam"``; docs/variants.md) with its default hyperparameters, ``strategy``
+    and ``m`` (``m = 1``: the paper's method).
     """
 
     kind: str
     m: int = 1
     strategy: str | None = None
+    rule: str | None = None
 
     @property
     def key(self) -> str:
@@ -125,6 +129,8 @@ class Method:
             return self.kind
         if self.kind == "accum":
             return f"accum-m{self.m}"
+        if self.kind == "variant":
+            return f"{self.rule}-{self.strategy}-m{self.m}"
         return f"msam-{self.strategy}-m{self.m}"
 
     @property
@@ -135,7 +141,13 @@ class Method:
             return "SAM"
         if self.kind == "accum":
             return f"SGD, {self.m} micro-batches accumulated"
+        if self.kind == "variant":
+            return f"{VARIANT_NAMES.get(str(self.rule), str(self.rule))} {self.strategy} m={self.m}"
         return f"mSAM {self.strategy} m={self.m}"
+
+
+#: Display names of the SAM family's rules.
+VARIANT_NAMES = {"gsam": "GSAM", "friendlysam": "FriendlySAM", "wsam": "WSAM", "gcsam": "GCSAM"}
 
 
 def make_methods(
@@ -143,15 +155,19 @@ def make_methods(
     strategies: Sequence[str] = ("loop", "vmap"),
     *,
     accum: bool = True,
+    variants: Sequence[str] = (),
 ) -> list[Method]:
     """SGD, SAM, then mSAM for every strategy and ``m`` (``loop`` at ``m = 1`` *is* SAM, so it
-    is not repeated), then the accumulation floors for every ``m > 1``."""
+    is not repeated), then each of ``variants`` (SAM-family rules) for every strategy and
+    ``m``, then the accumulation floors for every ``m > 1``."""
     out = [Method("sgd"), Method("sam", 1, "loop")]
     for s in strategies:
         for m in m_values:
             if m == 1 and s == "loop":
                 continue
             out.append(Method("msam", m, s))
+    for v in variants:
+        out.extend(Method("variant", m, s, rule=v) for s in strategies for m in m_values)
     if accum:
         out.extend(Method("accum", m) for m in m_values if m > 1)
     return out
@@ -221,4 +237,11 @@ def make_stepper(
         opt_m = msam.MSAM(params, torch.optim.SGD, rho=rho, micro_batches=method.m,
                           strategy=method.strategy or "loop", model=wl.model, **sgd_kwargs)
         return Stepper(method, opt_m, lambda: opt_m.step(loss_fn, batch))
+    if method.kind == "variant":
+        if method.m > wl.batch_size:
+            raise ValueError(f"m={method.m} > batch size {wl.batch_size}")
+        opt_v = msam.MSAM(params, torch.optim.SGD, rho=rho, micro_batches=method.m,
+                          rule=str(method.rule), strategy=method.strategy or "loop",
+                          model=wl.model, **sgd_kwargs)
+        return Stepper(method, opt_v, lambda: opt_v.step(loss_fn, batch))
     raise ValueError(f"unknown method kind {method.kind!r}")
