@@ -135,3 +135,23 @@ def test_msam_study_smoke(tmp_path, capsys):
     assert "summary:" in out
     summary = (tmp_path / "st" / "summary.md").read_text()
     assert "| gsam |" in summary and "| friendlysam |" in summary
+
+
+def test_noisy_variants_study_config_expands_to_the_intended_runs():
+    from pathlib import Path
+
+    from msam.training import load_study_config
+
+    root = Path(__file__).resolve().parents[1]
+    runs = expand_grid(load_study_config(root / "configs" / "fashion_mnist_noisy_variants.yaml"))
+    cells = {(r.method, r.config.micro_batches, r.config.rho) for r in runs}
+    assert len(runs) == 60 and len(cells) == 20
+    assert {(m, r) for (x, m, r) in cells if x == "sam"} == {(1, 0.1), (1, 0.4)}
+    assert {(m, r) for (x, m, r) in cells if x == "msam"} == {(16, 0.1), (16, 0.4)}
+    for v in VARIANT_KEYS:
+        assert {(m, r) for (x, m, r) in cells if x == v} == {(1, 0.1), (1, 0.4), (16, 0.1),
+                                                             (16, 0.4)}
+    # the data / model / training keys are the equal-budget protocol's
+    cfg = runs[0].config
+    assert (cfg.label_noise, cfg.train_subset, cfg.epochs, cfg.lr, cfg.batch_size) == \
+        (0.4, 5000, 50, 0.05, 128)
