@@ -155,3 +155,27 @@ def test_noisy_variants_study_config_expands_to_the_intended_runs():
     cfg = runs[0].config
     assert (cfg.label_noise, cfg.train_subset, cfg.epochs, cfg.lr, cfg.batch_size) == \
         (0.4, 5000, 50, 0.05, 128)
+
+
+def test_bench_methods_for_each_variant(tmp_path):
+    import json
+
+    from msam.bench import cli
+    from msam.bench.workloads import make_methods
+
+    keys = [m.key for m in make_methods([1, 2], ["loop", "vmap"], accum=False,
+                                        variants=["gsam", "wsam"])]
+    assert keys[-8:] == ["gsam-loop-m1", "gsam-loop-m2", "gsam-vmap-m1", "gsam-vmap-m2",
+                         "wsam-loop-m1", "wsam-loop-m2", "wsam-vmap-m1", "wsam-vmap-m2"]
+    out = tmp_path / "b"
+    assert cli.main(["--models", "mlp", "--m", "1", "--strategies", "loop", "--variants",
+                     ",".join(sorted(VARIANT_KEYS)), "--steps", "1", "--no-accum",
+                     "--no-memory", "--no-plot", "--batch-size", "8", "--out", str(out),
+                     "-q"]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    res = {r["key"]: r for r in data["models"][0]["results"]}
+    for v in VARIANT_KEYS:
+        assert res[f"{v}-loop-m1"]["ratio_sam"] > 0 and "error" not in res[f"{v}-loop-m1"]
+    md = (out / "bench.md").read_text()
+    assert "## SAM family" in md and "| mlp | GSAM | loop | 1 |" in md
+    assert cli.main(["--models", "mlp", "--variants", "fsam", "--out", str(out)]) == 2

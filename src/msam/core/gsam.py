@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from msam.core.perturbation import SAMRule, check_number
+from msam.core.perturbation import SAMRule, check_number, global_norm
 
 __all__ = ["GSAMRule", "scheduled_rho"]
 
@@ -50,6 +50,13 @@ def scheduled_rho(group: Mapping[str, Any]) -> float:
     frac = (float(group["lr"]) - group["lr_min"]) / (group["lr_max"] - group["lr_min"])
     frac = min(1.0, max(0.0, frac))
     return group["rho_min"] + (group["rho_max"] - group["rho_min"]) * frac
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum(a * b)`` as a 0-d float64 tensor (one BLAS dot; half precision via float32)."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
+    return torch.dot(a.reshape(-1), b.to(a.dtype).reshape(-1)).double()
 
 
 class GSAMRule(SAMRule):
@@ -98,16 +105,22 @@ class GSAMRule(SAMRule):
         pairs = [(g, c) for g, c in zip(grads, contribs) if g is not None and c is not None]
         if not pairs:
             return list(contribs)
-        dot = sum((g.double() * c.double()).sum() for g, c in pairs)
-        cc = sum(c.double().pow(2).sum() for _, c in pairs)
+        # Inner products in the tensors' own dtype (float32 BLAS dots, no float64 copies of
+        # the gradients), summed in float64; half precision is upcast to float32 first.
+        device = pairs[0][1].device
+        dot = torch.stack([_dot(g, c).to(device) for g, c in pairs]).sum()
+        cc = global_norm([c for _, c in pairs]).to(device).pow(2)
         k = torch.where(cc > 0, dot / cc.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
         k = k * scale
+        ga = scale * self.alpha
         out = []
         for g, c in zip(grads, contribs):
             if g is None or c is None:
                 out.append(c)
+            elif isinstance(ga, float):
+                out.append(torch.add(c * (1.0 + self.alpha * k).to(c.dtype), g, alpha=-ga))
             else:
-                out.append(c * (1.0 + self.alpha * k).to(c.dtype) - g * (scale * self.alpha))
+                out.append(c * (1.0 + self.alpha * k).to(c.dtype) - g * ga)
         return out
 
     def state_dict(self) -> dict[str, Any]:
