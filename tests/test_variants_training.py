@@ -177,5 +177,6 @@ def test_bench_methods_for_each_variant(tmp_path):
     for v in VARIANT_KEYS:
         assert res[f"{v}-loop-m1"]["ratio_sam"] > 0 and "error" not in res[f"{v}-loop-m1"]
     md = (out / "bench.md").read_text()
-    assert "## SAM family" in md and "| mlp | GSAM | loop | 1 |" in md
+    assert "## SAM family" in md and "| mlp | FriendlySAM | loop | 1 |" in md
+    assert "|  | GSAM | loop | 1 |" in md
     assert cli.main(["--models", "mlp", "--variants", "fsam", "--out", str(out)]) == 2
