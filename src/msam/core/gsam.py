@@ -1,6 +1,7 @@
 """GSAM: surrogate-gap guided SAM.
 
-GSAM (Zhuang et al., "Surrogate Gap Guided Sharpness-Aware Minimization", ICLR 2022) descends on
+GSAM (Zhuang et al., "Surrogate Gap Minimization Improves Sharpness-Aware Training", ICLR 2022;
+"Surrogate Gap Guided Sharpness-Aware Minimization") descends on
 the perturbed loss and, at the same time, decreases the surrogate gap ``L(w + e) - L(w)`` with
 the component of ``g = grad L(w)`` orthogonal to ``h = grad L(w + e)`` (so the perturbed loss is
 not increased to first order)::
@@ -25,8 +26,9 @@ group's current ``lr`` (whatever scheduler sets it). Without these keys ``rho`` 
 
 Hyperparameters: ``alpha`` (constructor, default 0.05 -- this library's default; the paper tunes
 it per model), ``rho`` or the four schedule keys per param group. State: none (the schedule
-reads the param group). Extra memory: ``g_j`` is kept through the perturbed pass (one
-gradient-sized buffer per micro-batch in flight). Passes per step: 2 per micro-batch.
+reads the param group). Extra memory: ``g_j`` is kept through the perturbed pass and ``h_j`` is
+handed back on its own (two gradient-sized buffers per micro-batch in flight; docs/variants.md).
+Passes per step: 2 per micro-batch.
 """
 
 from __future__ import annotations
