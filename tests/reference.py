@@ -108,3 +108,79 @@ def reference_linear_bn_running_stats(weight, bias, x, m, old_mean, old_var, mom
     mean = torch.stack(means).mean(0)
     var = torch.stack(variances).mean(0)
     return (1 - f) * old_mean + f * mean, (1 - f) * old_var + f * var
+
+
+def _ce(f, b):
+    return torch.nn.functional.cross_entropy(f(b[0]), b[1])
+
+
+def _flat_dot(a, b):
+    return sum((a[k] * b[k]).sum() for k in a)
+
+
+class VariantReference:
+    """The SAM family's gradients written from the papers' update equations (docs/variants.md):
+    ``kind`` in gsam, friendlysam, wsam, gcsam (or sam). ``grad(model, batch, m) -> {name:
+    gradient}``; ``grad_and_loss`` also returns the mean loss at ``w``. Keeps its own state
+    (FriendlySAM's EMA), so one instance follows one training run."""
+
+    def __init__(self, kind, rho, **hp):
+        self.kind, self.rho, self.hp, self.ema = kind, rho, hp, None
+
+    def grad(self, model, batch, m, lr=None):
+        return self.grad_and_loss(model, batch, m, lr)[0]
+
+    def grad_and_loss(self, model, batch, m, lr=None):
+        names = [n for n, _ in model.named_parameters()]
+        w = {n: p.detach().clone() for n, p in model.named_parameters()}
+        total = {k: torch.zeros_like(v) for k, v in w.items()}
+        gbatch = {k: torch.zeros_like(v) for k, v in w.items()}
+        n = first_size(batch)
+        loss_total = 0.0
+        rho = self.rho
+        if self.kind == "gsam" and "sched" in self.hp:
+            rmax, rmin, lmax, lmin = self.hp["sched"]
+            rho = rmin + (rmax - rmin) * min(1.0, max(0.0, (lr - lmin) / (lmax - lmin)))
+        for mb in split(batch, m):
+            wj = first_size(mb) / n
+
+            def grad_at(params, mb=mb):
+                ps = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+                loss = _ce(lambda x: functional_call(model, ps, (x,)), mb)
+                return dict(zip(names, torch.autograd.grad(loss, [ps[k] for k in names]))), \
+                    float(loss.detach())
+
+            g, loss_w = grad_at(w)
+            loss_total += wj * loss_w
+            for k in names:
+                gbatch[k] += wj * g[k]
+            if self.kind == "gcsam":
+                d = {k: (v - v.mean(dim=1, keepdim=True)) if v.dim() == 2 else v
+                     for k, v in g.items()}
+            elif self.kind == "friendlysam":
+                sig, lam = self.hp["sigma"], self.hp["lmbda"]  # the paper's sigma, lambda
+                m_prev = self.ema or {k: torch.zeros_like(v) for k, v in g.items()}
+                m_t = {k: lam * m_prev[k] + (1 - lam) * g[k] for k in names}
+                d = {k: g[k] - sig * m_t[k] for k in names}
+            else:
+                d = g
+            norm = torch.sqrt(_flat_dot(d, d))
+            e = {k: rho * d[k] / (norm + 1e-12) for k in names}
+            h, _ = grad_at({k: w[k] + e[k] for k in names})
+            if self.kind == "gsam":
+                hh = _flat_dot(h, h)
+                coef = _flat_dot(g, h) / hh if hh > 0 else 0.0
+                step = {k: h[k] - self.hp["alpha"] * (g[k] - coef * h[k]) for k in names}
+            elif self.kind == "wsam":
+                gam = self.hp["gamma"]
+                step = {k: (1 - 2 * gam) / (1 - gam) * g[k] + gam / (1 - gam) * h[k]
+                        for k in names}
+            else:
+                step = h
+            for k in names:
+                total[k] += wj * step[k]
+        if self.kind == "friendlysam":
+            lam = self.hp["lmbda"]
+            m_prev = self.ema or {k: torch.zeros_like(v) for k, v in w.items()}
+            self.ema = {k: lam * m_prev[k] + (1 - lam) * gbatch[k] for k in names}
+        return total, loss_total

@@ -4,6 +4,10 @@ A runner is a way to take the step: the ``loop``, ``vmap`` and ``auto`` strategi
 evaluator (``DistributedMSAM`` on a one-rank gloo group), ``step(closure)`` and the two-step API
 (both ``m = 1``). Each cell trains a few steps and compares the parameters with an independent
 reference: the reference mSAM gradient (``tests/reference.py``) handed to a fresh base optimizer.
+The SAM family (GSAM, WSAM, FriendlySAM, GCSAM; docs/variants.md) are variants like any other,
+checked against ``reference.VariantReference``; where a runner cannot take a rule's step (DDP
+and the two-step API with a rule that combines ``g_j`` and ``h_j``) the cell asserts the
+refusal instead.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import pytest
 import torch
 
 import msam
+from msam.core import RULES
 
-from reference import reference_msam_grad
+from reference import VariantReference, reference_msam_grad
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -26,6 +31,15 @@ class Variant:
     name: str
     kwargs: dict = field(default_factory=dict)
     perturb: tuple[str, ...] | None = None    # parameter names for perturb= (SAM-ON style)
+    rule: tuple[str, tuple[tuple[str, float], ...]] | None = None   # (name, hyperparameters)
+
+    def make_rule(self):
+        """A fresh rule object (rules may keep state) or None."""
+        return None if self.rule is None else RULES[self.rule[0]](**dict(self.rule[1]))
+
+    @property
+    def combines(self) -> bool:
+        return self.rule is not None and RULES[self.rule[0]].combines
 
     @property
     def m(self) -> int:
@@ -42,7 +56,17 @@ VARIANTS = [
     Variant("asam_m2", {"rho": 0.5, "micro_batches": 2, "adaptive": True, "eta": 0.05}),
     Variant("perturb_first_layer_m2", {"rho": 0.2, "micro_batches": 2}, perturb=("0.weight",
                                                                                  "0.bias")),
+    # The SAM family on the rule abstraction (docs/variants.md).
+    Variant("gsam", {"rho": 0.1}, rule=("gsam", (("alpha", 0.3),))),
+    Variant("gsam_m4", {"rho": 0.1, "micro_batches": 4}, rule=("gsam", (("alpha", 0.3),))),
+    Variant("wsam_m4", {"rho": 0.1, "micro_batches": 4}, rule=("wsam", (("gamma", 0.8),))),
+    Variant("friendlysam", {"rho": 0.1}, rule=("friendlysam", (("sigma", 1.0), ("lmbda", 0.6)))),
+    Variant("friendlysam_m4", {"rho": 0.1, "micro_batches": 4},
+            rule=("friendlysam", (("sigma", 0.8), ("lmbda", 0.9)))),
+    Variant("gcsam_m4", {"rho": 0.1, "micro_batches": 4}, rule=("gcsam", ())),
 ]
+#: (runner, what the refusal says) for a rule that combines g_j and h_j (GSAM, WSAM).
+REFUSES_COMBINING = {"ddp": "combines", "two_step": "two-step"}
 BASES = {
     "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}),
     "sgd_nesterov": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
@@ -68,6 +92,8 @@ def _loss_of(f, b):
 # -- runners: the ways to take an mSAM step, as data -------------------------------------------
 def _build(model, cls, variant, base_kwargs, **kw):
     extra = dict(variant.kwargs)
+    if variant.rule:
+        extra["rule"] = variant.make_rule()
     if variant.perturb:
         named = dict(model.named_parameters())
         extra["perturb"] = [named[n] for n in variant.perturb]
@@ -115,6 +141,8 @@ def _ddp_runner(model, cls, variant, base_kwargs):
 
     ddp = DDP(model, **ddp_kwargs())
     extra = dict(variant.kwargs)
+    if variant.rule:
+        extra["rule"] = variant.make_rule()
     if variant.perturb:
         named = dict(model.named_parameters())
         extra["perturb"] = [named[n] for n in variant.perturb]
@@ -160,17 +188,29 @@ def test_matches_reference(variant, base, runner, request):
         request.getfixturevalue("one_rank_group")
     cls, base_kwargs = BASES[base]
     model = _make_model()
+    if variant.combines and runner in REFUSES_COMBINING:
+        # The runner cannot see g_j and h_j together: a clear error, before anything moves.
+        w0 = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match=REFUSES_COMBINING[runner]):
+            RUNNERS[runner](model, cls, variant, base_kwargs)(_data(0))
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w0))
+        return
     step = RUNNERS[runner](model, cls, variant, base_kwargs)
     ref_model = _make_model()
     ref_opt = cls(ref_model.parameters(), **base_kwargs)
     rho = variant.kwargs["rho"]
+    ref_rule = None if variant.rule is None else VariantReference(
+        variant.rule[0], rho, **dict(variant.rule[1]))
     for s in range(3):
         batch = _data(s)
         loss = step(batch)
-        grads, ref_loss = reference_msam_grad(
-            ref_model, _loss_of, batch, variant.m, rho,
-            adaptive=variant.kwargs.get("adaptive", False), eta=variant.kwargs.get("eta", 0.01),
-            perturb=variant.perturb)
+        if ref_rule is not None:
+            grads, ref_loss = ref_rule.grad_and_loss(ref_model, batch, variant.m)
+        else:
+            grads, ref_loss = reference_msam_grad(
+                ref_model, _loss_of, batch, variant.m, rho,
+                adaptive=variant.kwargs.get("adaptive", False),
+                eta=variant.kwargs.get("eta", 0.01), perturb=variant.perturb)
         for n, p in ref_model.named_parameters():
             p.grad = grads[n]
         ref_opt.step()
@@ -200,8 +240,9 @@ def test_resume_is_bit_identical(variant, base, strategy):
 
     def build():
         model = _bn_cnn()
+        rule = {} if variant.rule is None else {"rule": variant.make_rule()}
         opt = msam.MSAM(model.parameters(), cls, strategy=strategy, model=model,
-                        **variant.kwargs, **base_kwargs)
+                        **variant.kwargs, **rule, **base_kwargs)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
         return model, opt, sched
 

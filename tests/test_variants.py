@@ -7,12 +7,11 @@ import io
 
 import pytest
 import torch
-from torch.func import functional_call
 
 import msam
 from msam.core import RULES
 
-from reference import first_size, split
+from reference import VariantReference as Reference
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -29,69 +28,6 @@ def _data(step, n=12):
 
 def _loss(f, b):
     return torch.nn.functional.cross_entropy(f(b[0]), b[1])
-
-
-def _flat_dot(a, b):
-    return sum((a[k] * b[k]).sum() for k in a)
-
-
-class Reference:
-    """One reference per variant: ``grad(w, batch) -> {name: gradient}``; keeps its own state."""
-
-    def __init__(self, kind, rho, **hp):
-        self.kind, self.rho, self.hp, self.ema = kind, rho, hp, None
-
-    def grad(self, model, batch, m, lr=None):
-        names = [n for n, _ in model.named_parameters()]
-        w = {n: p.detach().clone() for n, p in model.named_parameters()}
-        total = {k: torch.zeros_like(v) for k, v in w.items()}
-        gbatch = {k: torch.zeros_like(v) for k, v in w.items()}
-        n = first_size(batch)
-        rho = self.rho
-        if self.kind == "gsam" and "sched" in self.hp:
-            rmax, rmin, lmax, lmin = self.hp["sched"]
-            rho = rmin + (rmax - rmin) * min(1.0, max(0.0, (lr - lmin) / (lmax - lmin)))
-        for mb in split(batch, m):
-            wj = first_size(mb) / n
-
-            def grad_at(params, mb=mb):
-                ps = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-                loss = _loss(lambda x: functional_call(model, ps, (x,)), mb)
-                return dict(zip(names, torch.autograd.grad(loss, [ps[k] for k in names])))
-
-            g = grad_at(w)
-            for k in names:
-                gbatch[k] += wj * g[k]
-            if self.kind == "gcsam":
-                d = {k: (v - v.mean(dim=1, keepdim=True)) if v.dim() == 2 else v
-                     for k, v in g.items()}
-            elif self.kind == "friendlysam":
-                s, lam = self.hp["sigma"], self.hp["lmbda"]
-                m_prev = self.ema or {k: torch.zeros_like(v) for k, v in g.items()}
-                m_t = {k: s * m_prev[k] + (1 - s) * g[k] for k in names}
-                d = {k: g[k] - lam * m_t[k] for k in names}
-            else:
-                d = g
-            norm = torch.sqrt(_flat_dot(d, d))
-            e = {k: rho * d[k] / (norm + 1e-12) for k in names}
-            h = grad_at({k: w[k] + e[k] for k in names})
-            if self.kind == "gsam":
-                hh = _flat_dot(h, h)
-                coef = _flat_dot(g, h) / hh if hh > 0 else 0.0
-                step = {k: h[k] - self.hp["alpha"] * (g[k] - coef * h[k]) for k in names}
-            elif self.kind == "wsam":
-                gam = self.hp["gamma"]
-                step = {k: (1 - 2 * gam) / (1 - gam) * g[k] + gam / (1 - gam) * h[k]
-                        for k in names}
-            else:
-                step = h
-            for k in names:
-                total[k] += wj * step[k]
-        if self.kind == "friendlysam":
-            s = self.hp["sigma"]
-            m_prev = self.ema or {k: torch.zeros_like(v) for k, v in w.items()}
-            self.ema = {k: s * m_prev[k] + (1 - s) * gbatch[k] for k in names}
-        return total
 
 
 CASES = {

@@ -5,6 +5,7 @@
     msam bench                                   # the quick plan (about 10 minutes, 2 cores)
     msam bench --full --threads 1 --out benchmarks/results     # the committed results
     msam bench --models small_cnn --m 4,8 --steps 60
+    msam bench --models mlp,resnet20 --m 1,4 --strategies loop --variants gsam,wsam
     python -m msam.bench --models mlp --steps 5 --out /tmp/bench
 
 Writes ``bench.json`` (every step time, statistics, memory, machine and command),
@@ -105,6 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="micro-batch counts (default: per model and plan, see above)")
     parser.add_argument("--strategies", type=_str_list, default=None, metavar="S,..",
                         help="mSAM strategies among loop, vmap, auto (default: per model)")
+    parser.add_argument("--variants", type=_str_list, default=None, metavar="V,..",
+                        help="also time SAM-family rules with their default hyperparameters, "
+                             "for every --m and strategy: gsam, friendlysam, wsam, gcsam "
+                             "(docs/variants.md)")
     parser.add_argument("--no-accum", action="store_true",
                         help="leave out the 'SGD with m accumulated micro-batches' baselines")
     parser.add_argument("--batch-size", type=int, default=128, metavar="N",
@@ -175,6 +180,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     bad = [s for s in args.strategies or () if s not in ("loop", "vmap", "auto")]
     if bad:
         return err(f"unknown strategy {', '.join(bad)}; valid: loop, vmap, auto")
+    from msam.bench.workloads import VARIANT_NAMES
+
+    bad = [v for v in args.variants or () if v not in VARIANT_NAMES]
+    if bad:
+        return err(f"unknown variant {', '.join(bad)}; valid: {', '.join(VARIANT_NAMES)}")
     if args.batch_size < 1:
         return err("--batch-size must be >= 1")
     for flag in ("steps", "warmup"):
@@ -233,7 +243,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         plan = ModelPlan(
             model=name,
             methods=make_methods(m_values, args.strategies or defaults.strategies,
-                                 accum=not args.no_accum) + schedules,
+                                 accum=not args.no_accum, variants=args.variants or ()) + schedules,
             steps=args.steps if args.steps is not None else defaults.rounds,
             warmup=warmup, budget_s=args.budget, memory=not args.no_memory,
             text_length=args.text_length,

@@ -139,6 +139,16 @@ def markdown_report(data: dict[str, Any]) -> str:
                     f"{_fmt_ratio(loop.get('memory_ratio_sam'))} | "
                     f"{_fmt_ratio(vm.get('memory_ratio_sam')) if not vm.get('error') else 'n/a'} |")
         lines.append("")
+    variant_rows = _variant_rows(models)
+    if variant_rows:
+        lines += ["## SAM family (step time and peak memory relative to SAM, same run)", "",
+                  "Default hyperparameters of each rule (docs/variants.md); `m = 1` is the "
+                  "paper's method, `m > 1` its micro-batched form. mSAM at the same m for "
+                  "comparison.", "",
+                  "| model | method | strategy | m | median ms | x SAM | paired x SAM | "
+                  "mem x SAM | mSAM x SAM (same m) |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|",
+                  *variant_rows, ""]
     targets = evaluate_targets(data)
     if targets:
         lines += ["## Targets", "", "| model | quantity | measured | target | met |",
@@ -202,6 +212,31 @@ def markdown_report(data: dict[str, Any]) -> str:
                 "",
             ]
     return "\n".join(lines)
+
+
+def _variant_rows(models: list[dict[str, Any]]) -> list[str]:
+    """Rows of the SAM-family table: each variant's ratios to SAM next to mSAM's."""
+    rows = []
+    for model in models:
+        res = _by_key(model)
+        first = True
+        for r in model["results"]:
+            if r["method"] != "variant":
+                continue
+            ref = res.get("sam" if r["m"] == 1 and r["strategy"] == "loop"
+                          else f"msam-{r['strategy']}-m{r['m']}", {})
+            if r.get("error"):
+                cells = f"not run: {_short_error(r['error'])} | | | |"
+            else:
+                paired = (r.get("paired_ratio_sam") or {}).get("median")
+                cells = (f"{_fmt_ms(r.get('time_s', {}).get('median'))} | "
+                         f"{_fmt_ratio(r.get('ratio_sam'))} | {_fmt_ratio(paired)} | "
+                         f"{_fmt_ratio(r.get('memory_ratio_sam'))}")
+            rows.append(f"| {model['model'] if first else ''} | {r['label'].split(' ')[0]} | "
+                        f"{r['strategy']} | {r['m']} | {cells} | "
+                        f"{_fmt_ratio(ref.get('ratio_sam'))} |")
+            first = False
+    return rows
 
 
 def _short_error(text: str) -> str:

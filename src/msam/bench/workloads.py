@@ -116,12 +116,15 @@ class Method:
     ``kind``: ``"sgd"`` (plain base optimizer, one forward + backward), ``"sam"`` (``msam.SAM``,
     the loop strategy with ``m = 1``), ``"msam"`` (``msam.MSAM`` with ``strategy`` and ``m``) or
     ``"accum"`` (plain SGD with the batch cut into ``m`` micro-batches and their gradients
-    accumulated: the compute floor of smaller micro-batches, with no SAM work at all) or
+    accumulated: the compute floor of smaller micro-batches, with no SAM work at all),
     ``"sched"`` (``msam.MSAM`` loop with a schedule, docs/schedules.md: ``every``,
-    ``late`` = the start fraction, ``reuse``). A ``sched`` call runs one window of
-    :attr:`window` optimizer steps (the schedule's period: ``every`` steps, or
-    ``LATE_WINDOW`` steps of which the last ``(1 - late)`` perturb), so its time per step is
-    the mean over a window in which off-steps and perturbation steps mix as in an epoch.
+    ``late`` = the start fraction, ``reuse``) or ``"variant"``: a rule of the SAM family
+    (``rule``: ``"gsam"``, ``"friendlysam"``, ``"wsam"``, ``"gcsam"``; docs/variants.md) with
+    its default hyperparameters, ``strategy`` and ``m`` (``m = 1``: the paper's method). A
+    ``sched`` call runs one window of :attr:`window` optimizer steps (the schedule's period:
+    ``every`` steps, or ``LATE_WINDOW`` steps of which the last ``(1 - late)`` perturb), so its
+    time per step is the mean over a window in which off-steps and perturbation steps mix as in
+    an epoch.
     """
 
     kind: str
@@ -130,6 +133,7 @@ class Method:
     every: int = 1
     late: float = 0.0
     reuse: str | None = None
+    rule: str | None = None
 
     @property
     def window(self) -> int:
@@ -144,6 +148,8 @@ class Method:
         if self.kind == "sched":
             what = f"late{self.late:g}" if self.late else f"every{self.every}"
             return f"msam-m{self.m}-{what}" + (f"-{self.reuse}" if self.reuse else "")
+        if self.kind == "variant":
+            return f"{self.rule}-{self.strategy}-m{self.m}"
         return f"msam-{self.strategy}-m{self.m}"
 
     @property
@@ -160,7 +166,13 @@ class Method:
             if self.reuse:
                 return f"mSAM m={self.m}, {self.reuse} reuse, every {self.every}"
             return f"mSAM m={self.m}, every {self.every} steps"
+        if self.kind == "variant":
+            return f"{VARIANT_NAMES.get(str(self.rule), str(self.rule))} {self.strategy} m={self.m}"
         return f"mSAM {self.strategy} m={self.m}"
+
+
+#: Display names of the SAM family's rules.
+VARIANT_NAMES = {"gsam": "GSAM", "friendlysam": "FriendlySAM", "wsam": "WSAM", "gcsam": "GCSAM"}
 
 
 def make_methods(
@@ -168,15 +180,19 @@ def make_methods(
     strategies: Sequence[str] = ("loop", "vmap"),
     *,
     accum: bool = True,
+    variants: Sequence[str] = (),
 ) -> list[Method]:
     """SGD, SAM, then mSAM for every strategy and ``m`` (``loop`` at ``m = 1`` *is* SAM, so it
-    is not repeated), then the accumulation floors for every ``m > 1``."""
+    is not repeated), then each of ``variants`` (SAM-family rules) for every strategy and
+    ``m``, then the accumulation floors for every ``m > 1``."""
     out = [Method("sgd"), Method("sam", 1, "loop")]
     for s in strategies:
         for m in m_values:
             if m == 1 and s == "loop":
                 continue
             out.append(Method("msam", m, s))
+    for v in variants:
+        out.extend(Method("variant", m, s, rule=v) for s in strategies for m in m_values)
     if accum:
         out.extend(Method("accum", m) for m in m_values if m > 1)
     return out
@@ -288,4 +304,11 @@ def make_stepper(
             return loss
 
         return Stepper(method, opt_s, window, window=method.window)
+    if method.kind == "variant":
+        if method.m > wl.batch_size:
+            raise ValueError(f"m={method.m} > batch size {wl.batch_size}")
+        opt_v = msam.MSAM(params, torch.optim.SGD, rho=rho, micro_batches=method.m,
+                          rule=str(method.rule), strategy=method.strategy or "loop",
+                          model=wl.model, **sgd_kwargs)
+        return Stepper(method, opt_v, lambda: opt_v.step(loss_fn, batch))
     raise ValueError(f"unknown method kind {method.kind!r}")

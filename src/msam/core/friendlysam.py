@@ -1,28 +1,30 @@
 """FriendlySAM: SAM without the full-gradient component in the perturbation.
 
-FriendlySAM (Li et al., "Friendly Sharpness-Aware Minimization", CVPR 2024) observes that the
-full-gradient component of the mini-batch gradient harms SAM's perturbation and removes an
-estimate of it, an exponential moving average ``m`` of past mini-batch gradients::
+FriendlySAM (T. Li, P. Zhou, Z. He, X. Cheng, X. Huang, "Friendly Sharpness-Aware
+Minimization", CVPR 2024, arXiv 2403.12350) observes that the full-gradient component of the
+mini-batch gradient harms SAM's perturbation and removes an estimate of it, an exponential
+moving average ``m`` of past mini-batch gradients (the paper's letters)::
 
-    m_t = sigma * m_{t-1} + (1 - sigma) * g_t                   (g_t = grad L_B(w_t))
-    d_t = g_t - lambda * m_t
+    m_t = lambda * m_{t-1} + (1 - lambda) * g_t                 (g_t = grad L_B(w_t))
+    d_t = g_t - sigma * m_t
     e_t = rho * d_t / (||d_t|| + 1e-12),    grad = grad L_B(w_t + e_t)
 
 With micro-batches (mSAM) each micro-batch perturbs with its own ``g_j`` in the current term,
-``d_j = g_j - lambda (sigma m_{t-1} + (1 - sigma) g_j)``, and the shared state is updated once
+``d_j = g_j - sigma (lambda m_{t-1} + (1 - lambda) g_j)``, and the shared state is updated once
 per step with the batch gradient at ``w``, ``g_t = sum_j (n_j / n) g_j`` (then ``m_t`` is the
-``n_j / n``-weighted mean of the micro-batches' ``sigma m_{t-1} + (1 - sigma) g_j``; ``m = 1`` is
-exactly the paper's update). ``m_0 = 0``. The EMA is updated only when a step is committed (a
+``n_j / n``-weighted mean of the micro-batches' ``lambda m_{t-1} + (1 - lambda) g_j``; ``m = 1``
+is exactly the paper's update). ``m_0 = 0``. The EMA is updated only when a step is committed (a
 skipped or failed step leaves it as it was) and not on ``rho = 0`` steps (nothing is perturbed,
 so no ascent gradient is taken). Under DDP each rank keeps the EMA of its own local gradients
 (its perturbation is local, as in mSAM). With ``accumulate()`` each call is one batch.
 
-Hyperparameters (constructor): ``sigma`` in ``[0, 1]`` (default 0.9) and ``lmbda`` (lambda) in
-``[0, 1]`` (default 0.6); the defaults are this library's reading of the paper's CIFAR settings
-and should be tuned. ``rho`` per param group. State: ``m``, one tensor per perturbed parameter,
-shared by all micro-batches (saved in ``state_dict`` keyed by the parameter's index among the
-perturbed parameters). Extra memory: two parameter-sized buffers (``m`` and this step's batch
-gradient). Passes per step: 2 per micro-batch (as SAM).
+Hyperparameters (constructor): ``sigma`` in ``[0, 1]``, the weight of the removed component
+(default 1, the paper's setting), and ``lmbda`` (lambda) in ``[0, 1]``, the EMA decay (default
+0.9, the default of the authors' code; their CIFAR-100 script uses 0.95). ``rho`` per param
+group. State: ``m``, one tensor per perturbed parameter, shared by all micro-batches (saved in
+``state_dict`` keyed by the parameter's index among the perturbed parameters). Extra memory:
+two parameter-sized buffers (``m`` and this step's batch gradient). Passes per step: 2 per
+micro-batch (as SAM). See docs/variants.md.
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ __all__ = ["FriendlySAMRule"]
 
 
 class FriendlySAMRule(PerturbationRule):
-    """FriendlySAM: ``e_j = rho d_j / ||d_j||``, ``d_j = g_j - lambda m`` (module docstring)."""
+    """FriendlySAM: ``e_j = rho d_j / ||d_j||``, ``d_j = g_j - sigma m`` (module docstring)."""
 
     name = "friendlysam"
     observes = True
 
-    def __init__(self, sigma: float = 0.9, lmbda: float = 0.6) -> None:
+    def __init__(self, sigma: float = 1.0, lmbda: float = 0.9) -> None:
         self.sigma = check_number(sigma, "sigma", ge=0.0, le=1.0)
         self.lmbda = check_number(lmbda, "lmbda", ge=0.0, le=1.0)
         self.m: dict[int, torch.Tensor] = {}
@@ -58,7 +60,7 @@ class FriendlySAMRule(PerturbationRule):
 
     @torch.no_grad()
     def __call__(self, grads, params, groups, *, owned=False):
-        keep = 1.0 - self.lmbda * (1.0 - self.sigma)
+        keep = 1.0 - self.sigma * (1.0 - self.lmbda)
         dirs: list[torch.Tensor | None] = []
         for i, g in enumerate(grads):
             if g is None:
@@ -85,8 +87,8 @@ class FriendlySAMRule(PerturbationRule):
     def end_step(self) -> None:
         for i, gt in self._batch_grad.items():
             m = self._ema(i, gt)
-            self.m[i] = gt.mul_(1.0 - self.sigma) if m is None else \
-                m.mul_(self.sigma).add_(gt, alpha=1.0 - self.sigma)
+            self.m[i] = gt.mul_(1.0 - self.lmbda) if m is None else \
+                m.mul_(self.lmbda).add_(gt, alpha=1.0 - self.lmbda)
         self._batch_grad = {}
 
     def state_dict(self) -> dict[str, Any]:

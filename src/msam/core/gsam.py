@@ -1,6 +1,7 @@
 """GSAM: surrogate-gap guided SAM.
 
-GSAM (Zhuang et al., "Surrogate Gap Guided Sharpness-Aware Minimization", ICLR 2022) descends on
+GSAM (Zhuang et al., "Surrogate Gap Minimization Improves Sharpness-Aware Training", ICLR 2022;
+"Surrogate Gap Guided Sharpness-Aware Minimization") descends on
 the perturbed loss and, at the same time, decreases the surrogate gap ``L(w + e) - L(w)`` with
 the component of ``g = grad L(w)`` orthogonal to ``h = grad L(w + e)`` (so the perturbed loss is
 not increased to first order)::
@@ -25,8 +26,9 @@ group's current ``lr`` (whatever scheduler sets it). Without these keys ``rho`` 
 
 Hyperparameters: ``alpha`` (constructor, default 0.05 -- this library's default; the paper tunes
 it per model), ``rho`` or the four schedule keys per param group. State: none (the schedule
-reads the param group). Extra memory: ``g_j`` is kept through the perturbed pass (one
-gradient-sized buffer per micro-batch in flight). Passes per step: 2 per micro-batch.
+reads the param group). Extra memory: ``g_j`` is kept through the perturbed pass and ``h_j`` is
+handed back on its own (two gradient-sized buffers per micro-batch in flight; docs/variants.md).
+Passes per step: 2 per micro-batch.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 
 import torch
 
-from msam.core.perturbation import SAMRule, check_number
+from msam.core.perturbation import SAMRule, check_number, global_norm
 
 __all__ = ["GSAMRule", "scheduled_rho"]
 
@@ -50,6 +52,13 @@ def scheduled_rho(group: Mapping[str, Any]) -> float:
     frac = (float(group["lr"]) - group["lr_min"]) / (group["lr_max"] - group["lr_min"])
     frac = min(1.0, max(0.0, frac))
     return group["rho_min"] + (group["rho_max"] - group["rho_min"]) * frac
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum(a * b)`` as a 0-d float64 tensor (one BLAS dot; half precision via float32)."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
+    return torch.dot(a.reshape(-1), b.to(a.dtype).reshape(-1)).double()
 
 
 class GSAMRule(SAMRule):
@@ -98,16 +107,22 @@ class GSAMRule(SAMRule):
         pairs = [(g, c) for g, c in zip(grads, contribs) if g is not None and c is not None]
         if not pairs:
             return list(contribs)
-        dot = sum((g.double() * c.double()).sum() for g, c in pairs)
-        cc = sum(c.double().pow(2).sum() for _, c in pairs)
+        # Inner products in the tensors' own dtype (float32 BLAS dots, no float64 copies of
+        # the gradients), summed in float64; half precision is upcast to float32 first.
+        device = pairs[0][1].device
+        dot = torch.stack([_dot(g, c).to(device) for g, c in pairs]).sum()
+        cc = global_norm([c for _, c in pairs]).to(device).pow(2)
         k = torch.where(cc > 0, dot / cc.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
         k = k * scale
+        ga = scale * self.alpha
         out = []
         for g, c in zip(grads, contribs):
             if g is None or c is None:
                 out.append(c)
+            elif isinstance(ga, float):
+                out.append(torch.add(c * (1.0 + self.alpha * k).to(c.dtype), g, alpha=-ga))
             else:
-                out.append(c * (1.0 + self.alpha * k).to(c.dtype) - g * (scale * self.alpha))
+                out.append(c * (1.0 + self.alpha * k).to(c.dtype) - g * ga)
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -21,7 +21,8 @@ not implemented here for momentum / adaptive base optimizers.
 
 Hyperparameters: ``gamma`` (constructor, default 0.9 -- this library's default; the paper tunes
 it), ``rho`` per param group. State: none. Extra memory: ``g_j`` is kept through the perturbed
-pass (one gradient-sized buffer per micro-batch in flight). Passes per step: 2 per micro-batch.
+pass and ``h_j`` is handed back on its own (two gradient-sized buffers per micro-batch in
+flight; docs/variants.md). Passes per step: 2 per micro-batch.
 """
 
 from __future__ import annotations

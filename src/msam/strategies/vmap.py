@@ -59,25 +59,50 @@ class VmapStrategy(Strategy):
         pert = [grads[i] for i in ctx.perturbed]
         return [(losses[r], [g[r] for g in pert]) for r in range(len(idx))]
 
-    def descent(self, ctx: StepContext, idx: list[int],
-                offsets: list[Offsets] | None) -> list[torch.Tensor]:
-        points = None
-        if offsets is not None:
-            points = {}
-            for col, i in enumerate(ctx.perturbed):
-                w = ctx.backup[col]
-                rows = [torch.zeros_like(w) if (x := e[col]) is None else x for e in offsets]
-                points[i] = torch.stack(rows) + w
-            offsets.clear()  # the stacked points hold what is needed
-        losses, h = self._grads(ctx, idx, points, record=offsets is None)
+    @staticmethod
+    def _points(ctx: StepContext, offsets: list[Offsets]) -> dict[int, torch.Tensor]:
+        """The stacked points ``w + e_j`` of the perturbed parameters (``offsets`` emptied)."""
+        points = {}
+        for col, i in enumerate(ctx.perturbed):
+            w = ctx.backup[col]
+            rows = [torch.zeros_like(w) if (x := e[col]) is None else x for e in offsets]
+            points[i] = torch.stack(rows) + w
+        offsets.clear()  # the stacked points hold what is needed
+        return points
+
+    @staticmethod
+    def _weighted(ctx: StepContext, idx: list[int], h: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each stacked gradient times ``(n_j / n) x accumulation weight`` along dim 0."""
         weights = torch.tensor([ctx.micro_batches[j][1] * ctx.grad_weight for j in idx],
                                dtype=torch.float64)
+        out = []
+        for hi in h:
+            w = weights.to(device=hi.device, dtype=hi.dtype)
+            out.append(hi * w.reshape((-1,) + (1,) * (hi.dim() - 1)))
+        return out
+
+    def descent(self, ctx: StepContext, idx: list[int],
+                offsets: list[Offsets] | None) -> list[torch.Tensor]:
+        points = None if offsets is None else self._points(ctx, offsets)
+        losses, h = self._grads(ctx, idx, points, record=offsets is None)
         with torch.no_grad():
-            for p, hi in zip(ctx.params, h):
-                w = weights.to(device=hi.device, dtype=hi.dtype)
-                total = (hi * w.reshape((-1,) + (1,) * (hi.dim() - 1))).sum(0)
+            for p, hw in zip(ctx.params, self._weighted(ctx, idx, h)):
+                total = hw.sum(0)
                 p.grad = total if p.grad is None else p.grad.add_(total)
         return list(losses.unbind(0))
+
+    def descent_each(self, ctx: StepContext, idx: list[int], offsets: list[Offsets]
+                     ) -> list[tuple[torch.Tensor, Offsets]]:
+        """One vectorised pass at the stacked ``w + e_j`` for the whole chunk; each
+        micro-batch's contribution ``c_j`` is its row (for rules that combine ``g_j`` and
+        ``h_j``). ``.grad`` is not touched."""
+        losses, h = self._grads(ctx, idx, self._points(ctx, offsets), record=False)
+        perturbed = set(ctx.perturbed)
+        with torch.no_grad():
+            rows = self._weighted(ctx, idx, h)
+            # A row of a parameter the rule does not combine may become its .grad: own copy.
+            return [(losses[r], [hw[r] if i in perturbed else hw[r].clone()
+                                 for i, hw in enumerate(rows)]) for r in range(len(idx))]
 
     def _grads(self, ctx: StepContext, idx: list[int], points: dict[int, torch.Tensor] | None,
                record: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:

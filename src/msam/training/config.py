@@ -49,6 +49,7 @@ from pydantic_core import PydanticCustomError
 
 __all__ = [
     "METHODS",
+    "VARIANT_KEYS",
     "ConfigError",
     "SharpnessConfig",
     "StudyConfig",
@@ -63,7 +64,15 @@ __all__ = [
     "train_config_from_dict",
 ]
 
-METHODS = ("sgd", "sam", "msam", "asam")
+METHODS = ("sgd", "sam", "msam", "asam", "gsam", "friendlysam", "wsam", "gcsam")
+#: The SAM family (docs/variants.md): each uses ``micro_batches`` as msam does (m = 1 is the
+#: paper's method) and reads only its own keys below.
+VARIANT_KEYS: dict[str, frozenset[str]] = {
+    "gsam": frozenset({"gsam_alpha", "gsam_rho_min"}),
+    "friendlysam": frozenset({"friendly_sigma", "friendly_lambda"}),
+    "wsam": frozenset({"wsam_gamma"}),
+    "gcsam": frozenset(),
+}
 BASES = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 STRATEGIES = ("loop", "vmap", "auto")
@@ -191,9 +200,19 @@ class TrainConfig(_Schema):
                                               "(no SAM)")
     base: _choice(*BASES) = _f("sgd", "base optimizer")
     rho: Float = _f(0.05, "SAM neighbourhood radius (ignored by sgd)", ge=0)
-    micro_batches: Int = _f(4, "m for msam/asam (sgd and sam use 1)", ge=1)
+    micro_batches: Int = _f(4, "m for msam, asam and the SAM family (sgd and sam use 1)", ge=1)
     strategy: _choice(*STRATEGIES) = _f("loop", "mSAM execution strategy")
     eta: Float = _f(0.01, "ASAM offset", gt=0)
+    # the SAM family (docs/variants.md); each key is read by its method only
+    gsam_alpha: Float = _f(0.05, "gsam: weight of the surrogate-gap (orthogonal) term", ge=0)
+    gsam_rho_min: _opt(Float, ge=0) = _f(
+        None, "gsam: rho follows the lr from rho_min (at min_lr) to rho (at lr); null: constant "
+              "rho")
+    friendly_sigma: Float = _f(1.0, "friendlysam: weight of the removed EMA (full-gradient) "
+                                    "component", ge=0, le=1)
+    friendly_lambda: Float = _f(0.9, "friendlysam: decay of the gradient EMA", ge=0, le=1)
+    wsam_gamma: Float = _f(0.9, "wsam: sharpness weight gamma (gamma / (1 - gamma) times the "
+                                "sharpness; 0.5 = SAM)", ge=0, lt=1)
     lr: Float = _f(0.1, "peak learning rate", gt=0)
     momentum: Float = _f(0.9, "SGD momentum", ge=0, lt=1)
     nesterov: bool = _f(False, "SGD Nesterov momentum")
@@ -513,7 +532,12 @@ def validate(cfg: TrainConfig, where: Any = "config") -> None:
            f"must be in [0, epochs={cfg.epochs}], got {cfg.warmup_epochs:g}")
     _check(cfg.min_lr <= cfg.lr, where, "min_lr", f"must be in [0, lr={cfg.lr:g}], "
                                                   f"got {cfg.min_lr:g}")
-    if cfg.optimizer in ("msam", "asam"):
+    if cfg.optimizer == "gsam" and cfg.gsam_rho_min is not None:
+        _check(cfg.gsam_rho_min <= cfg.rho, where, "gsam_rho_min",
+               f"must be in [0, rho={cfg.rho:g}], got {cfg.gsam_rho_min:g}")
+        _check(cfg.min_lr < cfg.lr, where, "gsam_rho_min",
+               f"needs min_lr < lr (rho follows the lr between them), got min_lr={cfg.min_lr:g}")
+    if cfg.optimizer in ("msam", "asam", *VARIANT_KEYS):
         _check(cfg.micro_batches <= cfg.batch_size, where, "micro_batches",
                f"is {cfg.micro_batches}, more than batch_size={cfg.batch_size}")
     _check(cfg.start_epoch is None or cfg.start_fraction == 0, where, "start_epoch",

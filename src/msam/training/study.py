@@ -10,8 +10,10 @@ A study config is a run config plus
 
 Per-method rules keep the grid free of duplicates: ``sgd`` ignores ``rho``, ``micro_batches``,
 ``eta`` and ``strategy``; ``sam`` ignores ``micro_batches``; only ``asam`` uses ``eta``; and
-``msam`` with ``m = 1`` *is* SAM, so it becomes the ``sam`` run. A *cell* is one combination
-without the seed; its runs differ only in ``seed``.
+``msam`` with ``m = 1`` *is* SAM, so it becomes the ``sam`` run; each method of the SAM family
+(``gsam``, ``friendlysam``, ``wsam``, ``gcsam``; ``m = 1`` is the paper's method) uses only its
+own keys (``gsam_alpha``, ...). A *cell* is one combination without the seed; its runs differ
+only in ``seed``.
 
 Layout (``out_dir``)::
 
@@ -49,6 +51,7 @@ from .config import (
     METHODS,
     RESUMABLE_CHANGES,
     SELECT_METRICS,
+    VARIANT_KEYS,
     ConfigError,
     StudyConfig,
     TrainConfig,
@@ -70,12 +73,19 @@ IGNORED_BY = {
     "msam": {"eta"},
     "asam": set(),
 }
+# The SAM family (docs/variants.md): micro_batches as msam, and only its own keys.
+IGNORED_BY.update({method: {"eta"} for method in VARIANT_KEYS})
+for _method, _ignored in IGNORED_BY.items():
+    _ignored |= set().union(*VARIANT_KEYS.values()) - VARIANT_KEYS.get(_method, set())
 _ABBREV = {"rho": "rho", "micro_batches": "m", "seed": "s", "label_noise": "noise",
            "batch_size": "bs", "weight_decay": "wd", "learning_rate": "lr", "lr": "lr",
            "train_subset": "n", "epochs": "ep",
            # schedules: msam_every5_s0, msam_late0.75_s0, msam_every5_reuselooksam_s0
            "every": "every", "start_fraction": "late", "start_epoch": "from-ep",
-           "reuse": "reuse", "reuse_alpha": "alpha"}
+           "reuse": "reuse", "reuse_alpha": "ralpha",
+           # SAM-family hyperparameters: wsam_rho0.1_m16_wgamma0.8_s0
+           "gsam_alpha": "alpha", "gsam_rho_min": "rhomin", "wsam_gamma": "wgamma",
+           "friendly_sigma": "sigma", "friendly_lambda": "lambda"}
 
 
 @dataclass
@@ -550,6 +560,7 @@ def select_cells(study: StudyConfig, runs: list[StudyRun]) -> list[dict[str, Any
 
 
 _BASE_NAMES = {"sgd": "SGD", "adamw": "AdamW", "adam": "Adam"}
+_METHOD_NAMES = {"msam": "mSAM", "friendlysam": "FriendlySAM"}
 
 
 def _group_label(group: tuple, base: str = "sgd") -> str:
@@ -560,7 +571,7 @@ def _group_label(group: tuple, base: str = "sgd") -> str:
     if method == "sgd":  # the base optimizer alone
         return _BASE_NAMES.get(base, base)
     rest = [f"{_ABBREV.get(k, k)} = {_fmt_value(v)}" for k, v in group if k != "optimizer"]
-    return f"{'mSAM' if method == 'msam' else method.upper()}" + (
+    return _METHOD_NAMES.get(method, method.upper()) + (
         f" ({', '.join(rest)})" if rest else "")
 
 
@@ -669,7 +680,7 @@ def _plots(root: Path, cell_stats: list[dict[str, Any]], grid_keys: list[str]) -
         if method == "sgd":
             flat[others] = (mean, std or 0.0)
             continue
-        family = "asam" if method == "asam" else "msam"
+        family = "msam" if method in ("sam", "msam") else method
         m = 1 if method == "sam" else int(d.get("micro_batches", cs["runs"][0].config
                                                 .micro_batches if cs["runs"] else 1))
         lines.setdefault((family, others), []).append((m, mean, std or 0.0))
@@ -677,7 +688,8 @@ def _plots(root: Path, cell_stats: list[dict[str, Any]], grid_keys: list[str]) -
         fig, (ax,) = _figure(6.4, 4.2)
         for (family, others), pts in sorted(lines.items(), key=lambda kv: str(kv[0])):
             pts.sort()
-            label = ("SAM / mSAM" if family == "msam" else "ASAM") + _others_label(others)
+            label = ("SAM / mSAM" if family == "msam" else _METHOD_NAMES.get(
+                family, family.upper())) + _others_label(others)
             ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts],
                         yerr=[100 * p[2] for p in pts], marker="o", capsize=3, label=label)
         for others, (mean, std) in sorted(flat.items(), key=lambda kv: str(kv[0])):

@@ -13,10 +13,11 @@ One run = one :class:`~msam.training.config.TrainConfig` = one directory (``out_
 
 Methods: ``sgd`` is the base optimizer alone (one forward/backward per step); ``sam`` is
 :class:`msam.MSAM` with one micro-batch; ``msam`` uses ``micro_batches``; ``asam`` is adaptive
-(Kwon et al. 2021) with ``micro_batches``. Resuming (``resume=True``) restores everything and
-continues bit-identically on CPU: the batch order and augmentation are pure functions of
-``(seed, epoch, batch)`` (:func:`msam.data.iterate_batches`), and the global RNG states are
-saved with the checkpoint.
+(Kwon et al. 2021) with ``micro_batches``; ``gsam``, ``friendlysam``, ``wsam`` and ``gcsam`` are
+the SAM family's rules (docs/variants.md) with ``micro_batches``. Resuming (``resume=True``)
+restores everything and continues bit-identically on CPU: the batch order and augmentation are
+pure functions of ``(seed, epoch, batch)`` (:func:`msam.data.iterate_batches`), and the global
+RNG states are saved with the checkpoint.
 """
 
 from __future__ import annotations
@@ -256,14 +257,35 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module,
                       weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return base_cls(params, **kwargs)
-    return msam.MSAM(
+    opt = msam.MSAM(
         params, base_cls, rho=cfg.rho,
         micro_batches=1 if cfg.optimizer == "sam" else cfg.micro_batches,
         adaptive=cfg.optimizer == "asam", eta=cfg.eta, strategy=cfg.strategy, model=model,
-        max_grad_norm=cfg.max_grad_norm, nonfinite=cfg.nonfinite, every=cfg.every,
-        start_step=start_step(cfg, steps_per_epoch),
+        max_grad_norm=cfg.max_grad_norm, nonfinite=cfg.nonfinite, rule=variant_rule(cfg),
+        every=cfg.every, start_step=start_step(cfg, steps_per_epoch),
         reuse=None if cfg.reuse == "none" else cfg.reuse, reuse_alpha=cfg.reuse_alpha, **kwargs,
     )
+    if cfg.optimizer == "gsam" and cfg.gsam_rho_min is not None:
+        # GSAM's schedule: rho_t linear in lr_t, rho_min at min_lr up to rho at the peak lr.
+        for group in opt.param_groups:
+            group.update(rho_max=cfg.rho, rho_min=cfg.gsam_rho_min, lr_max=cfg.lr,
+                         lr_min=cfg.min_lr)
+    return opt
+
+
+def variant_rule(cfg: TrainConfig) -> msam.PerturbationRule | None:
+    """The perturbation rule of a SAM-family method (docs/variants.md), else None."""
+    from msam.core import FriendlySAMRule, GCSAMRule, GSAMRule, WSAMRule
+
+    if cfg.optimizer == "gsam":
+        return GSAMRule(alpha=cfg.gsam_alpha)
+    if cfg.optimizer == "friendlysam":
+        return FriendlySAMRule(sigma=cfg.friendly_sigma, lmbda=cfg.friendly_lambda)
+    if cfg.optimizer == "wsam":
+        return WSAMRule(gamma=cfg.wsam_gamma)
+    if cfg.optimizer == "gcsam":
+        return GCSAMRule()
+    return None
 
 
 def _milestone_steps(cfg: TrainConfig, steps_per_epoch: int) -> list[int]:
