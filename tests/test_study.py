@@ -57,7 +57,7 @@ def test_study_runs_summarises_and_resumes(tmp_path, monkeypatch, capsys):
         rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == names
     assert all(0 <= float(r["test_acc"]) <= 1 and r["status"] == "done" for r in rows)
-    for png in ("test_acc_vs_m.png", "curves.png"):
+    for png in ("test_acc_vs_m.png", "acc_vs_time.png", "curves.png"):
         data = (root / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"plot: {root / png}" in out
@@ -78,7 +78,7 @@ def test_study_runs_summarises_and_resumes(tmp_path, monkeypatch, capsys):
     # Export: the reviewable files, no checkpoints.
     dest = study_mod.export_study(root, tmp_path / "results" / "tiny")
     assert (dest / "summary.md").read_text() == summary
-    assert {p.name for p in dest.glob("*.png")} == {"test_acc_vs_m.png", "curves.png"}
+    assert {p.name for p in dest.glob("*.png")} == {"test_acc_vs_m.png", "acc_vs_time.png", "curves.png"}
     assert (dest / "runs.csv").is_file() and (dest / "study.yaml").is_file()
     assert (dest / "runs" / "sgd_s0" / "metrics.csv").is_file()
     assert (dest / "runs" / "sgd_s0" / "done.json").is_file()

@@ -22,6 +22,7 @@ Layout (``out_dir``)::
     runs.csv            one row per run
     summary.md          mean +/- std per cell (and the per-run table)
     test_acc_vs_m.png   final test accuracy against m, one line per method / rho
+    acc_vs_time.png     final test accuracy against training wall-clock time, one point per cell
     curves.png          validation accuracy and training loss per epoch, one line per cell
 
 Resumable: a run whose ``done.json`` exists is not run again (its config must match); an
@@ -435,7 +436,7 @@ def summarize(study: StudyConfig, runs: list[StudyRun], root: Path) -> dict[str,
                       "-" if tm[0] is None else f"{tm[0]:.1f}",
                       *[_pm(*s, digits=4) for s in sharp]]
         lines.append("| " + " | ".join(cells_text) + " |")
-        cell_stats.append({"cell": cell, "test": test, "runs": members})
+        cell_stats.append({"cell": cell, "test": test, "time": tm, "runs": members})
     table = "\n".join(lines)
 
     plots: list[Path] = []
@@ -712,7 +713,25 @@ def _plots(root: Path, cell_stats: list[dict[str, Any]], grid_keys: list[str]) -
         fig.savefig(path, dpi=120)
         out.append(path)
 
-    # 2. training curves per cell (mean over seeds)
+    # 2. test accuracy against wall-clock training time: one point per cell (cost vs benefit)
+    timed = [cs for cs in cell_stats if cs["test"][0] is not None and cs.get("time", (None,))[0]]
+    if len(timed) > 1:
+        fig, (ax,) = _figure(6.4, 4.4)
+        for i, cs in enumerate(timed):
+            (tm, tm_sd), (acc, acc_sd) = cs["time"], cs["test"]
+            ax.errorbar([tm], [100 * acc], xerr=[tm_sd or 0.0], yerr=[100 * (acc_sd or 0.0)],
+                        marker="o", capsize=3, color=f"C{i % 10}",
+                        label=_cell_label(cs["cell"]))
+        ax.set_xlabel("training wall-clock time per run (s, mean ± std over seeds)")
+        ax.set_ylabel("final test accuracy (%)")
+        ax.set_title("Test accuracy vs training time")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        path = root / "acc_vs_time.png"
+        fig.savefig(path, dpi=120)
+        out.append(path)
+
+    # 3. training curves per cell (mean over seeds)
     fig, (ax1, ax2) = _figure(11, 4.2, ncols=2)
     drawn = False
     for cs in cell_stats:
