@@ -78,7 +78,8 @@ def test_study_runs_summarises_and_resumes(tmp_path, monkeypatch, capsys):
     # Export: the reviewable files, no checkpoints.
     dest = study_mod.export_study(root, tmp_path / "results" / "tiny")
     assert (dest / "summary.md").read_text() == summary
-    assert {p.name for p in dest.glob("*.png")} == {"test_acc_vs_m.png", "acc_vs_time.png", "curves.png"}
+    assert {p.name for p in dest.glob("*.png")} == {
+        "test_acc_vs_m.png", "acc_vs_time.png", "curves.png"}
     assert (dest / "runs.csv").is_file() and (dest / "study.yaml").is_file()
     assert (dest / "runs" / "sgd_s0" / "metrics.csv").is_file()
     assert (dest / "runs" / "sgd_s0" / "done.json").is_file()
