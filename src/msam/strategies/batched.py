@@ -547,7 +547,9 @@ class BatchedStrategy(Strategy):
         ``loss_fn(micro-batch)`` at ``w`` (same RNG state for both)."""
         from msam.strategies.auto import config_key
 
-        key = (config_key(ctx), len(idx), id(ctx.loss_fn))
+        # A new lambda each step has the same code: checked once, not every step.
+        key = (config_key(ctx), len(idx), id(ctx.model),
+               getattr(ctx.loss_fn, "__code__", None) or id(ctx.loss_fn))
         if key in self._checked:
             return
         model = ctx.model

@@ -66,7 +66,7 @@ __all__ = [
 METHODS = ("sgd", "sam", "msam", "asam")
 BASES = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
-STRATEGIES = ("loop", "vmap", "auto")
+STRATEGIES = ("loop", "vmap", "batched", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 NONFINITE = ("raise", "skip")
 STUDY_KEYS = ("grid", "per_method", "name", "plots", "select", "description")
@@ -191,6 +191,8 @@ class TrainConfig(_Schema):
     rho: Float = _f(0.05, "SAM neighbourhood radius (ignored by sgd)", ge=0)
     micro_batches: Int = _f(4, "m for msam/asam (sgd and sam use 1)", ge=1)
     strategy: _choice(*STRATEGIES) = _f("loop", "mSAM execution strategy")
+    micro_batch_chunk: _opt(Int, ge=1) = _f(
+        None, "batched strategy: micro-batches per batched pass (bounds memory; null: all)")
     eta: Float = _f(0.01, "ASAM offset", gt=0)
     lr: Float = _f(0.1, "peak learning rate", gt=0)
     momentum: Float = _f(0.9, "SGD momentum", ge=0, lt=1)

@@ -244,7 +244,9 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return msam.MSAM(
         params, base_cls, rho=cfg.rho,
         micro_batches=1 if cfg.optimizer == "sam" else cfg.micro_batches,
-        adaptive=cfg.optimizer == "asam", eta=cfg.eta, strategy=cfg.strategy, model=model,
+        adaptive=cfg.optimizer == "asam", eta=cfg.eta, model=model,
+        strategy=msam.strategies.BatchedStrategy(chunk=cfg.micro_batch_chunk)
+        if cfg.strategy == "batched" else cfg.strategy,
         max_grad_norm=cfg.max_grad_norm, nonfinite=cfg.nonfinite, **kwargs,
     )
 
