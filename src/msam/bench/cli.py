@@ -59,7 +59,7 @@ QUICK_PLAN: dict[str, PlanDefaults] = {
     "resnet20": PlanDefaults(2, 0, (1, 4, 8), BOTH),
     "wrn16_4": PlanDefaults(1, 0, (1, 8), ("loop",)),
     "minilm": PlanDefaults(1, 0, (1, 8), ("loop",)),
-    "transformer": PlanDefaults(2, 0, (1, 4, 8), BOTH),
+    "transformer": PlanDefaults(4, 0, (1, 4, 8), BOTH),
 }
 #: ``--full``: the committed results (benchmarks/README.md).
 FULL_PLAN: dict[str, PlanDefaults] = {

@@ -88,10 +88,10 @@ class _LinearPerGroupGrad(torch.autograd.Function):
     perturbation rule can write ``e_j`` into it in place)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, k: int, *ws: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, k: int,
+                outs: list[torch.Tensor] | None, *ws: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        ctx.k = k
+        ctx.k, ctx.outs = k, outs
         return F.linear(x, w)
 
     @staticmethod
@@ -103,49 +103,59 @@ class _LinearPerGroupGrad(torch.autograd.Function):
             gx = (gy @ w.to(gy.dtype)).to(x.dtype)
         gys = gy.reshape(k, -1, gy.shape[-1])
         xs = x.reshape(k, -1, x.shape[-1]).to(gy.dtype)
-        gws = [torch.mm(gys[j].t(), xs[j]).to(w.dtype) if ctx.needs_input_grad[3 + j]
-               else None for j in range(k)]
-        return (gx, None, None, *gws)
+        outs = ctx.outs if ctx.outs is not None and gy.dtype == w.dtype else None
+        gws = [(torch.mm(gys[j].t(), xs[j]) if outs is None else
+                torch.mm(gys[j].t(), xs[j], out=outs[j])).to(w.dtype)
+               if ctx.needs_input_grad[4 + j] else None for j in range(k)]
+        return (gx, None, None, None, *gws)
 
 
-class _LinearAtPoints(torch.autograd.Function):
-    """``y_j = x_j P_j^T`` (``P_j = w + e_j``, constant) as one ``bmm``; the gradient for the
-    unbatched ``w`` is ``sum_j delta_j^T x_j`` as one full-batch matmul."""
+class _LinearAtOffsets(torch.autograd.Function):
+    """``y_j = x_j (w + e_j)^T = x_j w^T + x_j e_j^T``: one full-batch matmul plus one small
+    matmul per group added in place (the points ``w + e_j`` are never formed); the gradient
+    for the unbatched ``w`` is ``sum_j delta_j^T x_j``, one full-batch matmul."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, points: torch.Tensor, k: int
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, k: int, *es: torch.Tensor
                 ) -> torch.Tensor:
-        ctx.save_for_backward(x, points)
+        ctx.save_for_backward(x, w, *es)
         ctx.k = k
-        xg = x.reshape(k, -1, x.shape[-1])
-        y = torch.bmm(xg, points.to(xg.dtype).transpose(1, 2))
-        return y.reshape(*x.shape[:-1], points.shape[1])
+        y = F.linear(x, w)
+        ys = y.reshape(k, -1, y.shape[-1])
+        xs = x.reshape(k, -1, x.shape[-1])
+        for j, e in enumerate(es):
+            ys[j].addmm_(xs[j], e.to(ys.dtype).t())
+        return ys.reshape(y.shape)
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple:
-        x, points = ctx.saved_tensors
+        x, w, *es = ctx.saved_tensors
         k = ctx.k
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = torch.bmm(gy.reshape(k, -1, gy.shape[-1]), points.to(gy.dtype))
-            gx = gx.reshape(x.shape).to(x.dtype)
+            gx = gy @ w.to(gy.dtype)
+            gxs = gx.reshape(k, -1, gx.shape[-1])
+            gys = gy.reshape(k, -1, gy.shape[-1])
+            for j, e in enumerate(es):
+                gxs[j].addmm_(gys[j], e.to(gy.dtype))
+            gx = gxs.reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
             gw = (gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(gy.dtype))
-            gw = gw.to(points.dtype)
-        return gx, gw, None, None
+            gw = gw.to(w.dtype)
+        return (gx, gw, None, *([None] * len(es)))
 
 
 class _Param:
     """How one parameter enters the batched pass."""
 
-    __slots__ = ("leaf", "stacked", "per_group", "points", "offsets", "name")
+    __slots__ = ("leaf", "stacked", "per_group", "e_list", "offsets", "name")
 
     def __init__(self, name: str, leaf: torch.Tensor) -> None:
         self.name = name
         self.leaf = leaf          # what the gradient is taken with respect to
         self.stacked: torch.Tensor | None = None    # ascent: (k, ...) leaf, stride-0 view of w
         self.per_group: list[torch.Tensor] | None = None  # ascent, 2-D: k leaves (aliases)
-        self.points: torch.Tensor | None = None     # descent, 2-D: stacked w + e_j (constant)
+        self.e_list: list[torch.Tensor] | None = None  # descent, 2-D: the k e_j (constant)
         self.offsets: torch.Tensor | None = None    # descent: stacked e_j (constant)
 
     def grouped(self) -> torch.Tensor | None:
@@ -156,8 +166,8 @@ class _Param:
             return torch.stack(self.per_group)
         if self.offsets is not None:
             return self.leaf.unsqueeze(0) + self.offsets
-        if self.points is not None:  # a 2-D weight used by another layer than F.linear
-            return self.leaf.unsqueeze(0) + (self.points - self.leaf.detach())
+        if self.e_list is not None:  # a 2-D weight used by another layer than F.linear
+            return self.leaf.unsqueeze(0) + torch.stack(self.e_list)
         return None
 
 
@@ -171,9 +181,11 @@ class _GroupedMode(TorchFunctionMode):
     """Replaces the functional calls that receive a parameter by their grouped rule."""
 
     def __init__(self, params: dict[int, _Param], k: int, n: int,
-                 bn_buffers: dict[int, Any]) -> None:
+                 bn_buffers: dict[int, Any],
+                 workspace: dict[int, list[torch.Tensor]] | None = None) -> None:
         super().__init__()
         self.params, self.k, self.n = params, k, n
+        self.workspace = workspace or {}  # id(weight) -> k gradient buffers (ascent)
         self.bn_buffers = bn_buffers     # id(running_mean scratch) -> _BNSlot
         self.rules: dict[Callable, Callable] = {
             F.linear: self._linear, F.conv1d: self._conv, F.conv2d: self._conv,
@@ -248,12 +260,13 @@ class _GroupedMode(TorchFunctionMode):
         else:
             self._check_batch(x, "linear")
             if p.per_group is not None:
-                y = _LinearPerGroupGrad.apply(x, p.leaf, self.k, *p.per_group)
+                y = _LinearPerGroupGrad.apply(x, p.leaf, self.k, self.workspace.get(id(weight)),
+                                              *p.per_group)
             elif p.stacked is not None:
                 y = F.linear(x.reshape(self.k, -1, x.shape[-1]), p.stacked).reshape(
                     *x.shape[:-1], p.stacked.shape[1])
-            elif p.points is not None:
-                y = _LinearAtPoints.apply(x, p.leaf, p.points, self.k)
+            elif p.e_list is not None:
+                y = _LinearAtOffsets.apply(x, p.leaf, self.k, *p.e_list)
             else:
                 y = F.linear(x, p.leaf)
         if bias is not None and self._get(bias) is not None:
@@ -387,6 +400,7 @@ class BatchedStrategy(Strategy):
         self._loop = LoopStrategy()
         self._failed: dict[int, str] = {}     # id(model) -> reason
         self._checked: set[tuple] = set()     # configurations whose loss contract was checked
+        self._buffers: dict[tuple, list[torch.Tensor]] = {}  # see _workspace
 
     def chunks(self, ctx: StepContext) -> list[list[int]]:
         groups: dict[int, list[int]] = {}
@@ -493,25 +507,19 @@ class BatchedStrategy(Strategy):
                 col = pert[i]
                 es = [e[col] for e in offsets]
                 if any(e is not None for e in es):
-                    stacked = torch.empty((k,) + tuple(w.shape), dtype=w.dtype, device=w.device)
-                    for r, e in enumerate(es):
-                        if w.dim() == 2:  # a Linear weight: F.linear uses the points
-                            torch.add(w, e, out=stacked[r]) if e is not None \
-                                else stacked[r].copy_(w)
-                        elif e is None:
-                            stacked[r].zero_()
-                        else:
-                            stacked[r].copy_(e)
-                        offsets[r][col] = None  # free each e_j once stacked
-                    if w.dim() == 2:
-                        entry.points = stacked
+                    es = [torch.zeros_like(w) if e is None else e for e in es]
+                    for e in offsets:  # the pass holds them now
+                        e[col] = None
+                    if w.dim() == 2:  # a Linear weight: y_j = x_j w^T + x_j e_j^T
+                        entry.e_list = es
                     else:
-                        entry.offsets = stacked
+                        entry.offsets = torch.stack(es)
         bn_slots = {}
         with ctx.bn.pass_(record=False):
             for rec in ctx.bn.records.values():
                 bn_slots[id(rec.module._buffers["running_mean"])] = _BNSlot(rec, k)
-            mode = _GroupedMode(params, k, n, bn_slots)
+            mode = _GroupedMode(params, k, n, bn_slots,
+                                self._workspace(ctx, k) if ascent else None)
             fresh_autocast()
             with torch.enable_grad(), mode:
                 loss = check_loss(ctx.loss_fn(batch))
@@ -541,6 +549,27 @@ class BatchedStrategy(Strategy):
                     pos += 1
             return loss.detach(), out
         return loss.detach(), grads
+
+    def _workspace(self, ctx: StepContext, k: int) -> dict[int, list[torch.Tensor]]:
+        """``k`` gradient buffers per perturbed 2-D weight, kept between steps: a fresh
+        allocation of a large CPU tensor costs page faults on first touch (measured: about a
+        third of a millisecond per 1.6 MB buffer), several times the matmul that fills it.
+        The buffers become ``g_j``, then ``e_j`` (the rule writes it in place), and are free
+        again after the descent."""
+        ws: dict[int, list[torch.Tensor]] = {}
+        keep: dict[tuple, list[torch.Tensor]] = {}
+        for i in ctx.perturbed:
+            p = ctx.params[i]
+            if p.dim() != 2:
+                continue
+            key = (id(p), tuple(p.shape), p.dtype, p.device)
+            bufs = self._buffers.get(key, [])
+            while len(bufs) < k:
+                bufs.append(torch.empty_like(p, memory_format=torch.contiguous_format))
+            keep[key] = bufs
+            ws[id(p)] = bufs[:k]
+        self._buffers = keep
+        return ws
 
     def _check_contract(self, ctx: StepContext, idx: list[int]) -> None:
         """Once per configuration: ``loss_fn(concat)`` equals the weighted mean of
