@@ -39,6 +39,7 @@ DEFAULT_INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     "small_cnn": (1, 28, 28),
 }
 CIFAR_SHAPE = (3, 32, 32)
+TEXT_VOCAB = (1000, 30000)  # token ids drawn from [1000, 30000): ordinary WordPiece ids
 
 
 class TinyTransformer(nn.Module):
@@ -206,8 +207,13 @@ class Stepper:
     def state_tensors(self) -> list[torch.Tensor]:
         """Tensors this method keeps between steps (optimizer state, e.g. momentum)."""
         opt = getattr(self.optimizer, "base_optimizer", self.optimizer)
-        return [v for st in opt.state.values() for v in st.values()
-                if isinstance(v, torch.Tensor)]
+        out = [v for st in opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor)]
+        # Buffers a strategy keeps between steps (batched: its per-micro-batch gradients).
+        strategy = getattr(getattr(self.optimizer, "engine", None), "strategy", None)
+        for s in [strategy, *getattr(strategy, "candidates", {}).values()]:
+            out.extend(getattr(s, "workspace_tensors", lambda: [])())
+        return out
 
 
 def make_stepper(

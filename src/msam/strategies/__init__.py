@@ -26,6 +26,7 @@ def make_strategy(name: str | Strategy) -> Strategy:
 
 
 __all__ = [
-    "STRATEGIES", "AutoStrategy", "BatchedFallbackWarning", "BatchedStrategy", "ClosureStrategy", "LoopStrategy", "NonFiniteLossError",
+    "STRATEGIES", "AutoStrategy", "BatchedFallbackWarning", "BatchedStrategy", "ClosureStrategy",
+    "LoopStrategy", "NonFiniteLossError",
     "StepContext", "Strategy", "VmapStrategy", "make_strategy",
 ]

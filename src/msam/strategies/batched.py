@@ -13,10 +13,11 @@ attention, reshapes) run on the full batch unchanged. One ordinary backward foll
   also enters as a leaf ``w.expand(k, ...)`` (a stride-0 view: no copy), whose gradient is
   every ``g_j`` at once. ``Linear``: ``y = x W^T`` as one matmul, ``g_j = delta_j^T x_j`` as
   one ``bmm``. The loss is scaled by ``k`` (the chunk loss is the mean of the ``L_j``).
-* **Descent** (at ``w + e_j``): ``Linear`` runs ``y_j = x_j (w + e_j)^T`` as one ``bmm`` over
-  the stacked points, and its backward gives ``sum_j c_j h_j`` for ``w`` directly as one
-  full-batch matmul (no per-micro-batch gradient is formed); the small parameters (biases,
-  norms) and convolutions/embeddings use ``w + E`` with autograd. With ``rho = 0`` the pass is
+* **Descent** (at ``w + e_j``): ``Linear`` runs ``y_j = x_j w^T + x_j e_j^T`` (one
+  full-batch matmul and one small matmul per group, added in place; the points ``w + e_j`` are
+  never formed), and its backward gives ``sum_j c_j h_j`` for ``w`` directly as one full-batch
+  matmul (no per-micro-batch gradient is formed); the other parameters (biases, norms,
+  convolutions, embeddings) use ``w + E`` (stacked) with autograd. With ``rho = 0`` the pass is
   the plain full-batch pass.
 
 The contract this relies on -- ``loss_fn(concatenated micro-batches)`` is the size-weighted
@@ -30,12 +31,12 @@ announced once by a :class:`BatchedFallbackWarning` (``reason`` says why); with
 ``fallback=False`` it raises ``ValueError`` instead. Each micro-batch of a chunk reports the
 chunk's mean loss as its ``L_j`` (their weighted sum is the step's loss, as with ``loop``).
 
-Memory: the stacked ascent gradients, the perturbations and the stacked points are ``k``
-parameter-sized copies each (about ``3 k`` at the peak, between the two passes; the descent
-forms no per-micro-batch gradient for ``Linear``), plus the activations of the chunk (SAM's
-full-batch pass). ``chunk=c`` runs the micro-batches ``c`` at a time, bounding the extra
-memory by about ``3 c`` parameter copies; micro-batches of different sizes
-(``torch.tensor_split``) run as separate chunks.
+Memory: the ``k`` ascent gradients ``g_j`` (the rule writes ``e_j`` into them; for ``Linear``
+weights they are ``k`` buffers reused from step to step, because a fresh large CPU allocation
+pays page faults on first touch), the stacked ``w + E`` of the other perturbed parameters, and
+the activations of the chunk (SAM's full-batch pass): about ``k`` parameter copies beyond
+SAM's. ``chunk=c`` runs the micro-batches ``c`` at a time, bounding that to about ``c``
+copies; micro-batches of different sizes (``torch.tensor_split``) run as separate chunks.
 
 BatchNorm follows :mod:`msam.core.batchnorm`: statistics per micro-batch in both passes
 (``F.batch_norm`` runs over ``k C`` channels), running statistics from the ascent pass only.
@@ -570,6 +571,10 @@ class BatchedStrategy(Strategy):
             ws[id(p)] = bufs[:k]
         self._buffers = keep
         return ws
+
+    def workspace_tensors(self) -> list[torch.Tensor]:
+        """The buffers kept between steps (counted by ``msam bench``'s peak memory)."""
+        return [t for bufs in self._buffers.values() for t in bufs]
 
     def _check_contract(self, ctx: StepContext, idx: list[int]) -> None:
         """Once per configuration: ``loss_fn(concat)`` equals the weighted mean of
