@@ -251,3 +251,35 @@ def test_auto_may_choose_batched_and_saves_it():
     fresh = AutoStrategy()
     fresh.load_state_dict(sd["msam"]["strategy"])
     assert set(fresh.choices.values()) == {"batched"}
+
+
+@pytest.mark.parametrize("amp", ["scaler", "bf16"])
+def test_loss_scale_and_autocast_match_loop(amp):
+    torch.set_default_dtype(torch.float32)
+
+    def run(strategy):
+        model = _model("batchnorm").float()
+        opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=0.1, micro_batches=4, lr=0.1,
+                        strategy=strategy, model=model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if amp == "scaler" else None
+
+        def loss_fn(b):
+            if amp == "bf16":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return _loss_of(model, b)
+            return _loss_of(model, b)
+
+        for s in range(2):
+            x, y = _batch("batchnorm", 12, s)
+            opt.step(loss_fn, (x.float(), y), scaler=scaler)
+            if scaler is not None:
+                scaler.update()
+        return model.state_dict()
+
+    a = run("loop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BatchedFallbackWarning)
+        b = run("batched")
+    tol = 2e-2 if amp == "bf16" else 1e-5
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=tol, atol=tol, msg=k)

@@ -83,80 +83,96 @@ def unsupported_modules(model: nn.Module) -> list[str]:
 
 
 # -- grouped layers ------------------------------------------------------------------------
-class _LinearPerGroupGrad(torch.autograd.Function):
-    """``x W^T`` as one full-batch matmul; the gradients of the per-group leaves ``ws[j]``
-    (aliases of ``W``) are ``delta_j^T x_j``, each a matmul into its own tensor (so that the
-    perturbation rule can write ``e_j`` into it in place)."""
+class _LinearAscent(torch.autograd.Function):
+    """At ``w``: ``F.linear(x, w, b)`` as one full-batch (fused) matmul; the gradients of the
+    per-group leaves ``ws[j]`` (aliases of ``w``) are ``delta_j^T x_j``, one matmul each into
+    a reused buffer (the rule then writes ``e_j`` into it in place), and the bias's per-group
+    gradients (leaf ``bstack``, ``k`` x ``b`` as a stride-0 view) are row sums of ``delta_j``."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, k: int,
-                outs: list[torch.Tensor] | None, *ws: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int,
+                outs: list[torch.Tensor] | None, bstack: torch.Tensor | None,
+                *ws: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, w)
         ctx.k, ctx.outs = k, outs
-        return F.linear(x, w)
+        return F.linear(x, w, b)
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple:
         x, w = ctx.saved_tensors
         k = ctx.k
-        gx = None
+        gx = gb = None
         if ctx.needs_input_grad[0]:
             gx = (gy @ w.to(gy.dtype)).to(x.dtype)
         gys = gy.reshape(k, -1, gy.shape[-1])
+        if ctx.needs_input_grad[5]:
+            gb = gys.sum(1).to(w.dtype)
         xs = x.reshape(k, -1, x.shape[-1]).to(gy.dtype)
         outs = ctx.outs if ctx.outs is not None and gy.dtype == w.dtype else None
         gws = [(torch.mm(gys[j].t(), xs[j]) if outs is None else
                 torch.mm(gys[j].t(), xs[j], out=outs[j])).to(w.dtype)
-               if ctx.needs_input_grad[4 + j] else None for j in range(k)]
-        return (gx, None, None, None, *gws)
+               if ctx.needs_input_grad[6 + j] else None for j in range(k)]
+        return (gx, None, None, None, None, gb, *gws)
 
 
-class _LinearAtOffsets(torch.autograd.Function):
-    """``y_j = x_j (w + e_j)^T = x_j w^T + x_j e_j^T``: one full-batch matmul plus one small
-    matmul per group added in place (the points ``w + e_j`` are never formed); the gradient
-    for the unbatched ``w`` is ``sum_j delta_j^T x_j``, one full-batch matmul."""
+class _LinearDescent(torch.autograd.Function):
+    """At ``w + e_j``: ``y_j = x_j P_j^T + b_j`` (``P_j = w + e_j``, formed in place in the
+    ``e_j`` buffer; ``b_j`` the bias or its points), one matmul per group into its rows of
+    ``y``; the gradients for the unbatched leaves are ``sum_j delta_j^T x_j`` (one full-batch
+    matmul) and ``sum_j sum_rows delta_j`` -- no per-micro-batch gradient is formed."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, k: int, *es: torch.Tensor
-                ) -> torch.Tensor:
-        ctx.save_for_backward(x, w, *es)
-        ctx.k = k
-        y = F.linear(x, w)
-        ys = y.reshape(k, -1, y.shape[-1])
-        xs = x.reshape(k, -1, x.shape[-1])
-        for j, e in enumerate(es):
-            ys[j].addmm_(xs[j], e.to(ys.dtype).t())
-        return ys.reshape(y.shape)
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int,
+                bpoints: torch.Tensor | None, *points: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, *points)
+        ctx.k, ctx.wdtype = k, w.dtype
+        dev = x.device.type
+        amp = torch.is_autocast_enabled(dev)
+        dt = torch.get_autocast_dtype(dev) if amp else torch.promote_types(x.dtype,
+                                                                          points[0].dtype)
+        with torch.autocast(dev, enabled=False):  # explicit casts, as autocast would do
+            xs = x.reshape(k, -1, x.shape[-1]).to(dt)
+            out = torch.empty((*x.shape[:-1], points[0].shape[0]), dtype=dt, device=x.device)
+            y = out.view(k, xs.shape[1], points[0].shape[0])
+            for j, pj in enumerate(points):
+                bj = bpoints[j] if bpoints is not None else b
+                if bj is None:
+                    torch.mm(xs[j], pj.to(dt).t(), out=y[j])
+                else:
+                    torch.addmm(bj.to(dt), xs[j], pj.to(dt).t(), out=y[j])
+        return out
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple:
-        x, w, *es = ctx.saved_tensors
+        x, *points = ctx.saved_tensors
         k = ctx.k
-        gx = gw = None
+        gx = gw = gb = None
+        g2 = gy.reshape(-1, gy.shape[-1])
         if ctx.needs_input_grad[0]:
-            gx = gy @ w.to(gy.dtype)
-            gxs = gx.reshape(k, -1, gx.shape[-1])
             gys = gy.reshape(k, -1, gy.shape[-1])
-            for j, e in enumerate(es):
-                gxs[j].addmm_(gys[j], e.to(gy.dtype))
+            gxs = torch.empty((k, gys.shape[1], points[0].shape[1]), dtype=gy.dtype,
+                              device=gy.device)
+            for j, pj in enumerate(points):
+                torch.mm(gys[j], pj.to(gy.dtype), out=gxs[j])
             gx = gxs.reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            gw = (gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(gy.dtype))
-            gw = gw.to(w.dtype)
-        return (gx, gw, None, *([None] * len(es)))
+            gw = (g2.t() @ x.reshape(-1, x.shape[-1]).to(gy.dtype)).to(ctx.wdtype)
+        if ctx.needs_input_grad[2]:
+            gb = g2.sum(0).to(ctx.wdtype)
+        return (gx, gw, gb, None, None, *([None] * len(points)))
 
 
 class _Param:
     """How one parameter enters the batched pass."""
 
-    __slots__ = ("leaf", "stacked", "per_group", "e_list", "offsets", "name")
+    __slots__ = ("leaf", "stacked", "per_group", "points", "offsets", "name")
 
     def __init__(self, name: str, leaf: torch.Tensor) -> None:
         self.name = name
         self.leaf = leaf          # what the gradient is taken with respect to
         self.stacked: torch.Tensor | None = None    # ascent: (k, ...) leaf, stride-0 view of w
         self.per_group: list[torch.Tensor] | None = None  # ascent, 2-D: k leaves (aliases)
-        self.e_list: list[torch.Tensor] | None = None  # descent, 2-D: the k e_j (constant)
+        self.points: list[torch.Tensor] | None = None  # descent, 2-D: the k w + e_j (const)
         self.offsets: torch.Tensor | None = None    # descent: stacked e_j (constant)
 
     def grouped(self) -> torch.Tensor | None:
@@ -167,8 +183,8 @@ class _Param:
             return torch.stack(self.per_group)
         if self.offsets is not None:
             return self.leaf.unsqueeze(0) + self.offsets
-        if self.e_list is not None:  # a 2-D weight used by another layer than F.linear
-            return self.leaf.unsqueeze(0) + torch.stack(self.e_list)
+        if self.points is not None:  # a 2-D weight used by another layer than F.linear
+            return self.leaf.unsqueeze(0) + (torch.stack(self.points) - self.leaf.detach())
         return None
 
 
@@ -255,21 +271,29 @@ class _GroupedMode(TorchFunctionMode):
 
     # rules
     def _linear(self, x, weight, bias=None):
-        p = self._get(weight)
+        p, pb = self._get(weight), self._get(bias)
+        if p is not None and p.per_group is not None and (pb is None or pb.per_group is None):
+            self._check_batch(x, "linear")
+            b = None if bias is None else (bias if pb is None else pb.leaf)
+            return _LinearAscent.apply(x, p.leaf, b, self.k, self.workspace.get(id(weight)),
+                                       None if pb is None else pb.stacked, *p.per_group)
+        if p is not None and p.points is not None and (pb is None or pb.points is None):
+            self._check_batch(x, "linear")
+            bpoints = None
+            if pb is not None and pb.offsets is not None:
+                bpoints = pb.offsets + pb.leaf.detach()
+            b = None if bias is None else (bias if pb is None else pb.leaf)
+            return _LinearDescent.apply(x, p.leaf, b, self.k, bpoints, *p.points)
         if p is None:
             y = F.linear(x, weight)
         else:
             self._check_batch(x, "linear")
-            if p.per_group is not None:
-                y = _LinearPerGroupGrad.apply(x, p.leaf, self.k, self.workspace.get(id(weight)),
-                                              *p.per_group)
-            elif p.stacked is not None:
-                y = F.linear(x.reshape(self.k, -1, x.shape[-1]), p.stacked).reshape(
-                    *x.shape[:-1], p.stacked.shape[1])
-            elif p.e_list is not None:
-                y = _LinearAtOffsets.apply(x, p.leaf, self.k, *p.e_list)
-            else:
+            g = p.grouped()
+            if g is None:
                 y = F.linear(x, p.leaf)
+            else:
+                y = torch.matmul(x.reshape(self.k, -1, x.shape[-1]), g.transpose(1, 2))
+                y = y.reshape(*x.shape[:-1], g.shape[1])
         if bias is not None and self._get(bias) is not None:
             self._check_batch(x, "linear")
         return self._grouped_add(y, bias, y.dim() - 1)
@@ -511,8 +535,8 @@ class BatchedStrategy(Strategy):
                     es = [torch.zeros_like(w) if e is None else e for e in es]
                     for e in offsets:  # the pass holds them now
                         e[col] = None
-                    if w.dim() == 2:  # a Linear weight: y_j = x_j w^T + x_j e_j^T
-                        entry.e_list = es
+                    if w.dim() == 2:  # a Linear weight: the points w + e_j, in place
+                        entry.points = [e.add_(w) for e in es]
                     else:
                         entry.offsets = torch.stack(es)
         bn_slots = {}
@@ -581,9 +605,9 @@ class BatchedStrategy(Strategy):
         ``loss_fn(micro-batch)`` at ``w`` (same RNG state for both)."""
         from msam.strategies.auto import config_key
 
-        # A new lambda each step has the same code: checked once, not every step.
-        key = (config_key(ctx), len(idx), id(ctx.model),
-               getattr(ctx.loss_fn, "__code__", None) or id(ctx.loss_fn))
+        # Once per model and configuration: loss_fn is often a new closure each step, so it
+        # is not part of the key (a loss_fn changed later is not re-checked).
+        key = (config_key(ctx), len(idx), id(ctx.model))
         if key in self._checked:
             return
         model = ctx.model
@@ -607,7 +631,9 @@ class BatchedStrategy(Strategy):
                 mb = ctx.micro_batches[j][0]
                 with ctx.bn.pass_(record=False):
                     parts += float(_scalar(ctx.loss_fn(mb))) * batch_size(mb) / n
-        tol = 1e-4 if ctx.params[0].dtype in (torch.float16, torch.bfloat16, torch.float32) \
+        # float32 (and autocast to bf16 inside loss_fn: about 5e-4 measured) vs float64;
+        # what the check is for -- a sum, a batch-level term -- is off by far more.
+        tol = 2e-3 if ctx.params[0].dtype in (torch.float16, torch.bfloat16, torch.float32) \
             else 1e-9
         if not math.isclose(whole, parts, rel_tol=tol, abs_tol=tol) or not math.isfinite(whole):
             raise Unbatchable(
