@@ -9,16 +9,18 @@ parameter: ``F.linear``, ``F.conv1d`` / ``conv2d``, ``F.embedding``, ``F.layer_n
 ``F.group_norm``, ``F.batch_norm``). Layers without parameters (activations, dropout, pooling,
 attention, reshapes) run on the full batch unchanged. One ordinary backward follows.
 
-* **Ascent** (at ``w``): the forward is SAM's full-batch forward; each perturbed parameter
-  also enters as a leaf ``w.expand(k, ...)`` (a stride-0 view: no copy), whose gradient is
-  every ``g_j`` at once. ``Linear``: ``y = x W^T`` as one matmul, ``g_j = delta_j^T x_j`` as
-  one ``bmm``. The loss is scaled by ``k`` (the chunk loss is the mean of the ``L_j``).
-* **Descent** (at ``w + e_j``): ``Linear`` runs ``y_j = x_j w^T + x_j e_j^T`` (one
-  full-batch matmul and one small matmul per group, added in place; the points ``w + e_j`` are
-  never formed), and its backward gives ``sum_j c_j h_j`` for ``w`` directly as one full-batch
-  matmul (no per-micro-batch gradient is formed); the other parameters (biases, norms,
-  convolutions, embeddings) use ``w + E`` (stacked) with autograd. With ``rho = 0`` the pass is
-  the plain full-batch pass.
+* **Ascent** (at ``w``): the forward is SAM's full-batch forward (``F.linear(x, w, b)`` fused,
+  one matmul); each perturbed parameter also enters as per-group leaves (``k`` aliases of a 2-D
+  weight; a stride-0 ``w.expand(k, ...)`` view otherwise: no copy), whose gradients are the
+  ``g_j``: for ``Linear`` ``delta_j^T x_j``, one small matmul per group into a buffer reused
+  from step to step, and the bias's row sums of ``delta_j``. The loss is scaled by ``k`` (the
+  chunk loss is the mean of the ``L_j``).
+* **Descent** (at ``w + e_j``): for ``Linear`` the points ``P_j = w + e_j`` are formed in
+  place in the ``e_j`` buffers and ``y_j = x_j P_j^T + b_j`` runs as one matmul per group into
+  its rows of ``y``; the backward gives ``sum_j c_j h_j`` for ``w`` directly as one full-batch
+  matmul (no per-micro-batch gradient is formed). The other parameters (norms, convolutions,
+  embeddings) use ``w + E`` (stacked) with autograd. With ``rho = 0`` the pass is the plain
+  full-batch pass.
 
 The contract this relies on -- ``loss_fn(concatenated micro-batches)`` is the size-weighted
 mean of ``loss_fn(micro-batch)`` (a per-example mean such as ``cross_entropy``), and every
