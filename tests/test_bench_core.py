@@ -130,11 +130,11 @@ def test_auto_choice_is_per_optimizer_and_saved_in_state_dict():
     assert opt2.strategy == "auto" and opt2.engine.strategy.choices == strat.choices
 
 
-def test_auto_probe_times_both_and_matches_loop():
+def test_auto_probe_times_every_candidate_and_matches_loop():
     strat = AutoStrategy(repeats=1, margin=0.0)
     a = _step("loop", 4)
     b = _step(strat, 4)
-    assert set(strat.timings) == {"loop", "vmap"}
+    assert set(strat.timings) == {"loop", "vmap", "batched"}
     assert all(0 < t < float("inf") for t in strat.timings.values())
     assert strat.choice == min(strat.timings, key=strat.timings.get)
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):

@@ -107,7 +107,7 @@ def test_param_groups_validated_at_build_with_add_param_groups_message(group):
 
 
 # -- 4: a GradScaler overflow in the perturbed pass skips the whole step ----------------------
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "batched"])
 def test_overflow_in_perturbed_pass_skips_whole_step(strategy):
     model = _mlp(bn=True)
     opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9,
@@ -229,7 +229,7 @@ class _SyncCounter:
             monkeypatch.setattr(torch.Tensor, name, wrapped)
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "batched"])
 @pytest.mark.parametrize("m", [1, 4, 16])
 def test_one_host_sync_per_step(monkeypatch, m, strategy):
     torch.manual_seed(0)

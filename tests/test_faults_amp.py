@@ -53,7 +53,7 @@ class Boom(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "batched"])
 @pytest.mark.parametrize("fail_at", [("ascent", 0), ("perturbed", 0), ("perturbed", 2)])
 def test_loss_fn_raising_leaves_everything_as_before(fail_at, strategy):
     model = _model()

@@ -72,7 +72,7 @@ BASES = {
     "sgd_nesterov": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
     "adamw": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.01}),
 }
-STRATEGIES = ["loop", "vmap"]
+STRATEGIES = ["loop", "vmap", "batched"]
 
 
 def _make_model(seed=0):
@@ -154,6 +154,7 @@ def _ddp_runner(model, cls, variant, base_kwargs):
 RUNNERS = {
     "loop": _strategy_runner("loop"),
     "vmap": _strategy_runner("vmap"),
+    "batched": _strategy_runner("batched"),
     "auto": _strategy_runner("auto"),
     "ddp": _ddp_runner,
     "closure": _closure_runner,        # m = 1 only

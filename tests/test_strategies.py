@@ -39,9 +39,10 @@ def _run(strategy, bn, adaptive, n, m, steps=2):
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("bn", [False, True])
 @pytest.mark.parametrize("n, m", [(12, 4), (14, 4), (9, 2)])
-def test_loop_equals_vmap(bn, adaptive, n, m):
+@pytest.mark.parametrize("other", ["vmap", "batched"])
+def test_loop_equals_vmap(bn, adaptive, n, m, other):
     a, la = _run("loop", bn, adaptive, n, m)
-    b, lb = _run("vmap", bn, adaptive, n, m)
+    b, lb = _run(other, bn, adaptive, n, m)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10, msg=name)
     assert max(abs(u - v) for u, v in zip(la, lb)) < 1e-10
@@ -51,7 +52,7 @@ def test_auto_strategy_picks_a_candidate_and_matches_loop():
     a, _ = _run("loop", True, False, 12, 4)
     strat = AutoStrategy()
     b, _ = _run(strat, True, False, 12, 4)
-    assert strat.choice in ("loop", "vmap")
+    assert strat.choice in ("loop", "vmap", "batched")
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
 
@@ -68,7 +69,7 @@ def _unleaf(b, kind):
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 13), m=st.integers(1, 13), d=st.integers(1, 4),
        kind=st.sampled_from(["t", "tuple", "dict", "nested"]),
-       rho=st.sampled_from([0.0, 0.05, 0.7]), strategy=st.sampled_from(["loop", "vmap"]))
+       rho=st.sampled_from([0.0, 0.05, 0.7]), strategy=st.sampled_from(["loop", "vmap", "batched"]))
 def test_property_matches_reference_over_shapes_m_and_structures(n, m, d, kind, rho, strategy):
     m = min(m, n)
     torch.manual_seed(n * 31 + m)

@@ -40,7 +40,7 @@ CASES = {
 MAX_DIFF: dict[tuple[str, int], float] = {}
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "batched"])
 @pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_matches_paper_reference(kind, m, strategy):

@@ -60,6 +60,7 @@ QUICK_PLAN: dict[str, PlanDefaults] = {
     "resnet20": PlanDefaults(2, 0, (1, 4, 8), BOTH),
     "wrn16_4": PlanDefaults(1, 0, (1, 8), ("loop",)),
     "minilm": PlanDefaults(1, 0, (1, 8), ("loop",)),
+    "transformer": PlanDefaults(4, 0, (1, 4, 8), BOTH),
 }
 #: ``--full``: the committed results (benchmarks/README.md).
 FULL_PLAN: dict[str, PlanDefaults] = {
@@ -68,6 +69,7 @@ FULL_PLAN: dict[str, PlanDefaults] = {
     "resnet20": PlanDefaults(8, 0, DEFAULT_M, BOTH),
     "wrn16_4": PlanDefaults(4, 0, DEFAULT_M, BOTH),
     "minilm": PlanDefaults(3, 0, DEFAULT_M, BOTH),
+    "transformer": PlanDefaults(4, 0, (1, 4, 8), BOTH),
 }
 FALLBACK = PlanDefaults(3, 0, (1, 4, 8), BOTH)
 
@@ -105,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--m", dest="m_values", type=_int_list, default=None, metavar="1,2,..",
                         help="micro-batch counts (default: per model and plan, see above)")
     parser.add_argument("--strategies", type=_str_list, default=None, metavar="S,..",
-                        help="mSAM strategies among loop, vmap, auto (default: per model)")
+                        help="mSAM strategies among loop, vmap, batched, auto (default: per "
+                             "model)")
     parser.add_argument("--variants", type=_str_list, default=None, metavar="V,..",
                         help="also time SAM-family rules with their default hyperparameters, "
                              "for every --m and strategy: gsam, friendlysam, wsam, gcsam "
@@ -174,12 +177,15 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     if args.render:
         return _render(args, err, log)
-    unknown = [m for m in args.models if m not in MODELS]
+    from msam.bench.workloads import BENCH_ONLY_MODELS
+
+    unknown = [m for m in args.models if m not in MODELS and m not in BENCH_ONLY_MODELS]
     if unknown:
-        return err(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(MODELS)}")
-    bad = [s for s in args.strategies or () if s not in ("loop", "vmap", "auto")]
+        return err(f"unknown model(s) {', '.join(unknown)}; valid: "
+                   f"{', '.join([*MODELS, *BENCH_ONLY_MODELS])}")
+    bad = [s for s in args.strategies or () if s not in ("loop", "vmap", "batched", "auto")]
     if bad:
-        return err(f"unknown strategy {', '.join(bad)}; valid: loop, vmap, auto")
+        return err(f"unknown strategy {', '.join(bad)}; valid: loop, vmap, batched, auto")
     from msam.bench.workloads import VARIANT_NAMES
 
     bad = [v for v in args.variants or () if v not in VARIANT_NAMES]
@@ -268,7 +274,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         data["models"].append(result)
         # A strategy the model cannot run (vmap on a model it cannot trace) is a result, not a
         # failure of the benchmark; any other method failing is.
-        if any(r.get("error") and r.get("strategy") not in ("vmap", "auto")
+        if any(r.get("error") and r.get("strategy") not in ("vmap", "batched", "auto")
                for r in result["results"]):
             failed = True
         paths = write_reports(data, out_dir, plot=not args.no_plot)

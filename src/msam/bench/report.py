@@ -76,6 +76,29 @@ def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _strategy_rows(model: dict[str, Any]) -> list[Any]:
+    """``[strategies, row, row, ...]``: per m, each strategy's time / SAM and peak memory."""
+    msam_rows = [r for r in model["results"] if r["method"] == "msam"]
+    strategies = sorted({r["strategy"] for r in msam_rows},
+                        key=lambda st: ("loop", "vmap", "batched", "auto").index(st)
+                        if st in ("loop", "vmap", "batched", "auto") else 9)
+    if len(strategies) < 2:
+        return []
+    res = _by_key(model)
+    out: list[Any] = [strategies]
+    for m in sorted({r["m"] for r in msam_rows}):
+        cells = []
+        for st in strategies:
+            r = res.get("sam" if (m == 1 and st == "loop") else f"msam-{st}-m{m}", {})
+            mem = r.get("memory", {}).get("peak_bytes")
+            t = "n/a" if r.get("error") else _fmt_ratio(r.get("ratio_sam"))
+            if r.get("auto_choice"):
+                t += f" ({r['auto_choice']})"
+            cells.append(f"{t} | {_fmt_mib(mem)}")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return out
+
+
 def _gap_rows(model: dict[str, Any]) -> list[str]:
     """Rows of the 'where the mSAM / SAM gap comes from' table for one model."""
     res = _by_key(model)
@@ -198,6 +221,16 @@ def markdown_report(data: dict[str, Any]) -> str:
                 f"{_fmt_ratio(paired)} | {_fmt_mib(mem.get('peak_bytes'))} | "
                 f"{_fmt_ratio(r.get('memory_ratio_sam'))}{bound} |")
         lines.append("")
+        side = _strategy_rows(model)
+        if side:
+            lines += [
+                "Strategies side by side (median step time / SAM, peak memory in MiB):",
+                "",
+                "| m | " + " | ".join(f"{st} x SAM | {st} MiB" for st in side[0]) + " |",
+                "|---:|" + "---:|---:|" * len(side[0]),
+                *side[1:],
+                "",
+            ]
         gap = _gap_rows(model)
         if gap:
             lines += [
@@ -256,7 +289,8 @@ def plot_report(data: dict[str, Any], path: Path) -> None:
     models = data["models"]
     n = max(1, len(models))
     fig, axes = plt.subplots(2, n, figsize=(max(3.6 * n, 6.0), 7.0), squeeze=False)
-    styles = {"loop": ("C0", "o"), "vmap": ("C1", "s"), "auto": ("C2", "^")}
+    styles = {"loop": ("C0", "o"), "vmap": ("C1", "s"), "batched": ("C4", "D"),
+              "auto": ("C2", "^")}
     for col, model in enumerate(models):
         res = _by_key(model)
         ax_t, ax_m = axes[0][col], axes[1][col]

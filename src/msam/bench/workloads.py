@@ -24,6 +24,7 @@ import msam
 from msam.core.batch import split_batch
 
 __all__ = [
+    "BENCH_ONLY_MODELS",
     "DEFAULT_INPUT_SHAPES",
     "Method",
     "Stepper",
@@ -43,6 +44,38 @@ DEFAULT_INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
 }
 CIFAR_SHAPE = (3, 32, 32)
 TEXT_VOCAB = (1000, 30000)  # token ids drawn from [1000, 30000): ordinary WordPiece ids
+
+
+class TinyTransformer(nn.Module):
+    """A small pre-norm transformer classifier over token ids: token and position embeddings
+    (``nn.Embedding``), ``depth`` blocks of :class:`msam.models.vit.TransformerBlock`
+    (LayerNorm, fused-QKV attention, GELU MLP), a final LayerNorm, mean pooling and a linear
+    head. Every parameter lives in an ``Embedding``, ``Linear`` or ``LayerNorm``."""
+
+    def __init__(self, vocab: int, seq: int, num_classes: int, dim: int = 128, depth: int = 4,
+                 heads: int = 4, mlp_ratio: float = 2.0) -> None:
+        super().__init__()
+        from msam.models.vit import TransformerBlock
+
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(seq, dim)
+        self.blocks = nn.Sequential(*(TransformerBlock(dim, heads, int(dim * mlp_ratio))
+                                      for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        x = self.tok(ids) + self.pos(pos)
+        return self.head(self.norm(self.blocks(x)).mean(dim=1))
+
+
+TRANSFORMER_VOCAB, TRANSFORMER_SEQ = 1000, 64
+
+
+#: Bench-only workloads. ``transformer``: :class:`TinyTransformer` with 4 layers of width 128
+#: (4 heads, MLP 256) over sequences of 64 random token ids (vocabulary 1000), 10 classes.
+BENCH_ONLY_MODELS = ("transformer",)
 
 
 @dataclass
@@ -75,13 +108,19 @@ def build_workload(
     device = torch.device(device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    if is_text_model(name):
+    if name in BENCH_ONLY_MODELS:
+        num_classes = 10
+        model = TinyTransformer(TRANSFORMER_VOCAB, TRANSFORMER_SEQ, num_classes)
+        inputs: Any = torch.randint(0, TRANSFORMER_VOCAB, (batch_size, TRANSFORMER_SEQ),
+                                    generator=gen)
+        desc = f"{TRANSFORMER_SEQ} tokens, width 128, 4 layers"
+    elif is_text_model(name):
         num_classes = 2
         model = build_model(name, num_classes=num_classes)
         if name != "minilm":  # from-scratch text models need a vocabulary size
             raise ValueError(f"bench: text model {name!r} is not supported (only minilm)")
         ids = torch.randint(*TEXT_VOCAB, (batch_size, text_length), generator=gen)
-        inputs: Any = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         desc = f"{text_length} tokens"
     else:
         num_classes = 10
@@ -188,7 +227,7 @@ def make_methods(
     out = [Method("sgd"), Method("sam", 1, "loop")]
     for s in strategies:
         for m in m_values:
-            if m == 1 and s == "loop":
+            if m == 1 and s in ("loop", "batched"):  # both are SAM at m = 1
                 continue
             out.append(Method("msam", m, s))
     for v in variants:
@@ -237,8 +276,13 @@ class Stepper:
     def state_tensors(self) -> list[torch.Tensor]:
         """Tensors this method keeps between steps (optimizer state, e.g. momentum)."""
         opt = getattr(self.optimizer, "base_optimizer", self.optimizer)
-        return [v for st in opt.state.values() for v in st.values()
-                if isinstance(v, torch.Tensor)]
+        out = [v for st in opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor)]
+        # Buffers a strategy keeps between steps (batched: its per-micro-batch gradients).
+        strategy = getattr(getattr(self.optimizer, "engine", None), "strategy", None)
+        for s in [strategy, *getattr(strategy, "candidates", {}).values()]:
+            out.extend(getattr(s, "workspace_tensors", lambda: [])())
+        return out
 
 
 def make_stepper(

@@ -3,15 +3,18 @@
 from msam.core.nonfinite import NonFiniteLossError
 from msam.strategies.auto import AutoStrategy
 from msam.strategies.base import StepContext, Strategy
+from msam.strategies.batched import BatchedFallbackWarning, BatchedStrategy
 from msam.strategies.closure import ClosureStrategy
 from msam.strategies.loop import LoopStrategy
 from msam.strategies.vmap import VmapStrategy
 
-STRATEGIES = {"loop": LoopStrategy, "vmap": VmapStrategy, "auto": AutoStrategy}
+STRATEGIES = {"loop": LoopStrategy, "vmap": VmapStrategy, "batched": BatchedStrategy,
+              "auto": AutoStrategy}
 
 
 def make_strategy(name: str | Strategy) -> Strategy:
-    """A strategy instance from its name (``"loop"``, ``"vmap"``, ``"auto"``) or an instance."""
+    """A strategy instance from its name (``"loop"``, ``"vmap"``, ``"batched"``,
+    ``"auto"``) or an instance."""
     if isinstance(name, Strategy):
         return name
     try:
@@ -23,6 +26,7 @@ def make_strategy(name: str | Strategy) -> Strategy:
 
 
 __all__ = [
-    "STRATEGIES", "AutoStrategy", "ClosureStrategy", "LoopStrategy", "NonFiniteLossError",
+    "STRATEGIES", "AutoStrategy", "BatchedFallbackWarning", "BatchedStrategy", "ClosureStrategy",
+    "LoopStrategy", "NonFiniteLossError",
     "StepContext", "Strategy", "VmapStrategy", "make_strategy",
 ]

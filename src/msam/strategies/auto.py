@@ -1,19 +1,23 @@
-"""The ``auto`` strategy: measure ``loop`` and ``vmap`` once, then use the faster.
+"""The ``auto`` strategy: measure ``loop``, ``vmap`` and ``batched`` once, then use the fastest.
 
 On the first step for a given configuration (parameter shapes and dtypes, micro-batch shapes,
 number of micro-batches, device, CPU thread count):
 
-* **No probe** -- ``loop`` is used directly -- when ``vmap`` cannot help: one micro-batch
+* **No probe** -- ``loop`` is used directly -- when batching cannot help: one micro-batch
   (``m = 1`` is SAM: nothing to vectorise) or no ``model=``.
-* Otherwise both candidates compute this step's gradient ``1 + repeats`` times, **interleaved**
-  (loop, vmap, loop, vmap, ...) so that machine noise hits both alike, without committing
+* Otherwise every candidate computes this step's gradient ``1 + repeats`` times,
+  **interleaved** (loop, vmap, batched, loop, ...) so that machine noise hits all alike, without
+  committing
   BatchNorm statistics and with the gradients discarded; the first call of each is a warm-up.
   Each candidate's time is the minimum over its timed calls (on CUDA with
   ``torch.cuda.synchronize`` around each call). A candidate that raises (e.g. a model that
-  ``vmap`` cannot trace, or runs out of memory) is dropped.
-* ``vmap`` is chosen only if it is faster than ``loop`` by more than ``margin`` (default 10%):
-  it holds ``m`` copies of the parameters and every micro-batch's activations at once (see
-  ``msam bench``), so a tie goes to the strategy with the lower memory.
+  ``vmap`` cannot trace, or runs out of memory) is dropped, and so is ``batched`` when it
+  falls back to ``loop`` for the model (it would only measure the loop twice).
+* The fastest other candidate is chosen only if it is faster than ``loop`` by more than
+  ``margin`` (default 10%): ``vmap`` and ``batched`` hold ``m`` copies of the parameters and
+  every micro-batch's activations at once (see ``msam bench``), so a tie goes to the strategy
+  with the lower memory, and ``auto`` is never slower than ``loop`` beyond the noise of the
+  probe.
 
 The choice belongs to this strategy object (one per optimizer), is kept per configuration for
 its lifetime and saved in the optimizer's ``state_dict`` (``choices``), so a resumed run uses
@@ -31,6 +35,7 @@ import torch
 
 from msam.core.batch import tensor_leaves
 from msam.strategies.base import StepContext, Strategy
+from msam.strategies.batched import BatchedStrategy
 from msam.strategies.loop import LoopStrategy
 from msam.strategies.vmap import VmapStrategy
 
@@ -49,7 +54,8 @@ def config_key(ctx: StepContext) -> str:
 
 
 class AutoStrategy(Strategy):
-    """Picks ``loop`` or ``vmap`` by measuring both once (see the module docstring)."""
+    """Picks ``loop``, ``vmap`` or ``batched`` by measuring them once (see the module
+    docstring)."""
 
     name = "auto"
 
@@ -60,7 +66,9 @@ class AutoStrategy(Strategy):
             raise ValueError(f"margin must be >= 0, got {margin!r}")
         self.repeats = repeats
         self.margin = float(margin)
-        self.candidates: dict[str, Strategy] = {"loop": LoopStrategy(), "vmap": VmapStrategy()}
+        self.candidates: dict[str, Strategy] = {
+            "loop": LoopStrategy(), "vmap": VmapStrategy(),
+            "batched": BatchedStrategy(fallback=True)}
         self.choices: dict[str, str] = {}
         self.timings: dict[str, float] = {}
         self.choice: str | None = None
@@ -80,24 +88,36 @@ class AutoStrategy(Strategy):
         return self.candidates[self.choice]
 
     def _probe(self, trial: Callable[[Strategy], float]) -> str:
+        import warnings
+
         timings = {name: float("inf") for name in self.candidates}
         alive = dict(self.candidates)
         for r in range(self.repeats + 1):
             for name in list(alive):
                 try:
-                    dt = trial(alive[name])
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # a batched fallback loses the probe
+                        dt = trial(alive[name])
                 except Exception:  # noqa: BLE001 - an untraceable model loses the probe
                     del alive[name]
+                    timings[name] = float("inf")
+                    continue
+                if getattr(alive[name], "reason", "") and name == "batched":
+                    del alive[name]  # it ran the loop: not a candidate
                     timings[name] = float("inf")
                     continue
                 if r > 0:
                     timings[name] = min(timings[name], dt)
         self.timings = timings
-        loop_t, vmap_t = timings["loop"], timings["vmap"]
-        if vmap_t < float("inf") and vmap_t * (1.0 + self.margin) < loop_t:
-            self.reason = f"vmap {vmap_t:.4g}s vs loop {loop_t:.4g}s"
-            return "vmap"
-        self.reason = f"loop {loop_t:.4g}s vs vmap {vmap_t:.4g}s (margin {self.margin:.0%})"
+        loop_t = timings["loop"]
+        others = {k: v for k, v in timings.items() if k != "loop" and v < float("inf")}
+        shown = ", ".join(f"{k} {v:.4g}s" for k, v in timings.items())
+        if others:
+            best = min(others, key=others.__getitem__)
+            if others[best] * (1.0 + self.margin) < loop_t:
+                self.reason = f"{best} fastest: {shown}"
+                return best
+        self.reason = f"loop: {shown} (others must be faster by {self.margin:.0%})"
         return "loop"
 
     def state_dict(self) -> dict[str, Any]:

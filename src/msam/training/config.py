@@ -75,7 +75,7 @@ VARIANT_KEYS: dict[str, frozenset[str]] = {
 }
 BASES = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
-STRATEGIES = ("loop", "vmap", "auto")
+STRATEGIES = ("loop", "vmap", "batched", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 NONFINITE = ("raise", "skip")
 STUDY_KEYS = ("grid", "per_method", "name", "plots", "select", "description", "cases")
@@ -202,6 +202,8 @@ class TrainConfig(_Schema):
     rho: Float = _f(0.05, "SAM neighbourhood radius (ignored by sgd)", ge=0)
     micro_batches: Int = _f(4, "m for msam, asam and the SAM family (sgd and sam use 1)", ge=1)
     strategy: _choice(*STRATEGIES) = _f("loop", "mSAM execution strategy")
+    micro_batch_chunk: _opt(Int, ge=1) = _f(
+        None, "batched strategy: micro-batches per batched pass (bounds memory; null: all)")
     eta: Float = _f(0.01, "ASAM offset", gt=0)
     # the SAM family (docs/variants.md); each key is read by its method only
     gsam_alpha: Float = _f(0.05, "gsam: weight of the surrogate-gap (orthogonal) term", ge=0)
