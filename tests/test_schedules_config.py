@@ -127,11 +127,12 @@ def test_the_schedules_study_config_expands():
     root = Path(__file__).resolve().parents[1]
     study = load_study_config(root / "configs" / "fashion_mnist_noisy_schedules.yaml")
     runs = expand_grid(study)
-    assert len(runs) == 18 and len({r.name for r in runs}) == 18
+    assert len(runs) == 30 and len({r.name for r in runs}) == 30
     cfgs = {r.name: r.config for r in runs}
     assert cfgs["msam_every5_reuselooksam_s1"].reuse == "looksam"
     assert cfgs["msam_late0.875_s2"].start_fraction == 0.875
-    assert all(c.micro_batches == 16 and c.rho == 0.1 for n, c in cfgs.items()
+    assert cfgs["msam_s0"].every == 1 and cfgs["msam_every20_reuselooksam_s0"].every == 20
+    assert all(c.micro_batches == 4 and c.rho == 0.2 for n, c in cfgs.items()
                if n.startswith("msam"))
     assert TrainConfig(**{**cfgs["sgd_s0"].to_dict()}).every == 1
 
