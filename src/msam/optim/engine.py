@@ -222,7 +222,12 @@ class GradientEngine:
 
     def _run(self, strategy: Strategy, spec: _Spec, *, commit: bool) -> GradientResult:
         params = spec.params
-        backup = [params[i].detach().clone() for i in spec.perturbed]
+        groups = [spec.groups[i] for i in spec.perturbed]
+        active = not spec.plain and bool(spec.perturbed) and self.rule.active(groups)
+        # Nothing moves on a step without perturbation (rho = 0, a schedule's off-step): no
+        # backup to take or restore, so such a step costs what a plain step does.
+        perturbed = spec.perturbed if active else []
+        backup = [params[i].detach().clone() for i in perturbed]
         old_grads = [p.grad for p in params]
         if spec.fresh:
             for p in params:
@@ -240,8 +245,6 @@ class GradientEngine:
                         old.copy_(g)
                         p.grad = old
 
-        groups = [spec.groups[i] for i in spec.perturbed]
-        active = not spec.plain and bool(spec.perturbed) and self.rule.active(groups)
         observes = self.rule.observes and not spec.plain
         if observes:
             self.rule.begin_step()
@@ -249,7 +252,7 @@ class GradientEngine:
             with self.bn.step() as bn:
                 ctx = StepContext(
                     loss_fn=spec.loss_fn, micro_batches=spec.micro, params=params,
-                    perturbed=spec.perturbed, backup=backup, bn=bn, flags=NonFiniteFlags(),
+                    perturbed=perturbed, backup=backup, bn=bn, flags=NonFiniteFlags(),
                     loss_scale=spec.loss_scale, grad_weight=spec.grad_weight, model=self.model,
                 )
                 with strategy.session(ctx):
@@ -259,8 +262,9 @@ class GradientEngine:
                         raise NonFiniteLossError(*bad)
         except BaseException:
             with torch.no_grad():
-                torch._foreach_copy_([local(params[i]) for i in spec.perturbed],
-                                     [local(b) for b in backup])
+                if perturbed:
+                    torch._foreach_copy_([local(params[i]) for i in perturbed],
+                                         [local(b) for b in backup])
             undo_grads()
             raise
         result = GradientResult(loss.to(params[0].dtype), bn=bn, undo_grads=undo_grads,
