@@ -28,9 +28,10 @@ by the ``batched`` rules, and enter the same norm. A ``Linear`` whose input is N
 has ``r_j = b_j x T`` rows; it is factored only when ``r_j (d_in + d_out) <= d_in d_out`` (the
 factored terms cost about ``r_j^2 (d_in + d_out)``, the explicit gradient ``r_j d_in d_out``),
 otherwise the step is left to ``batched``. So are a factored parameter used twice in one
-forward (weight tying) or by another layer. Such a model falls back to ``batched`` for its
-configuration, announced once by a :class:`LowRankFallbackWarning` (``lowrank_reason`` says
-why; ``reason`` is the ``batched`` fallback's, or this one).
+forward (weight tying) or by another layer. Such a model (or another rule than SAM) falls
+back to ``batched`` for its configuration, announced once by a
+:class:`LowRankFallbackWarning` (``lowrank_reason`` says why; ``reason`` is the ``batched``
+fallback's, or this one).
 
 Loss scaling, accumulation weights, ``perturb=`` subsets, the BatchNorm rule and the
 non-finite checks behave as in the engine: the engine records the losses and norms this
@@ -49,8 +50,14 @@ import torch.nn.functional as F
 from msam.core.batch import batch_size
 from msam.core.perturbation import EPS, PerturbationRule, SAMRule
 from msam.strategies.base import StepContext, check_loss, fresh_autocast
-from msam.strategies.batched import (BatchedStrategy, Unbatchable, _BNSlot, _concat,
-                                     _GroupedMode, _Param)
+from msam.strategies.batched import (
+    BatchedStrategy,
+    Unbatchable,
+    _BNSlot,
+    _concat,
+    _GroupedMode,
+    _Param,
+)
 
 __all__ = ["LowRankFallbackWarning", "LowRankStrategy"]
 
@@ -247,7 +254,8 @@ class LowRankStrategy(BatchedStrategy):
         from msam.strategies.auto import config_key
 
         if type(rule) is not SAMRule:
-            self.lowrank_reason = f"rule {rule.name!r} (only 'sam' factors)"
+            self._no(ctx, ("rule", rule.name), f"rule {rule.name!r}: only the plain SAM rule "
+                     f"has a low-rank perturbation")
             return None
         if self._use_loop(ctx):
             return None
@@ -306,7 +314,8 @@ class LowRankStrategy(BatchedStrategy):
                 loss = check_loss(ctx.loss_fn(batch))
             explicit = [i for i in ctx.perturbed
                         if mode.used.get(id(ctx.params[i])) == "explicit"]
-            leaves = mode.tokens + [params[id(ctx.params[i])].stacked for i in explicit]
+            leaves = mode.tokens + [t for i in explicit
+                                    if (t := params[id(ctx.params[i])].stacked) is not None]
             grads = torch.autograd.grad(ctx.scaled(loss * float(k)), leaves,
                                         allow_unused=True) if leaves else ()
         for slot in bn_slots.values():
