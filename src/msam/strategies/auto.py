@@ -92,6 +92,13 @@ class AutoStrategy(Strategy):
         return self.candidates[self.choice]
 
     def _probe(self, trial: Callable[[Strategy], float]) -> str:
+        choice = self._measure(trial)
+        for name, s in self.candidates.items():  # the losers' kept buffers are not needed
+            if name != choice and isinstance(getattr(s, "_buffers", None), dict):
+                s._buffers = {}  # type: ignore[attr-defined]
+        return choice
+
+    def _measure(self, trial: Callable[[Strategy], float]) -> str:
         import warnings
 
         timings = {name: float("inf") for name in self.candidates}
