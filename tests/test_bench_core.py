@@ -134,7 +134,7 @@ def test_auto_probe_times_every_candidate_and_matches_loop():
     strat = AutoStrategy(repeats=1, margin=0.0)
     a = _step("loop", 4)
     b = _step(strat, 4)
-    assert set(strat.timings) == {"loop", "vmap", "batched"}
+    assert set(strat.timings) == {"loop", "vmap", "batched", "lowrank"}
     assert all(0 < t < float("inf") for t in strat.timings.values())
     assert strat.choice == min(strat.timings, key=strat.timings.get)
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):

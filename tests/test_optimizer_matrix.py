@@ -72,7 +72,7 @@ BASES = {
     "sgd_nesterov": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
     "adamw": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.01}),
 }
-STRATEGIES = ["loop", "vmap", "batched"]
+STRATEGIES = ["loop", "vmap", "batched", "lowrank"]
 
 
 def _make_model(seed=0):
@@ -155,6 +155,7 @@ RUNNERS = {
     "loop": _strategy_runner("loop"),
     "vmap": _strategy_runner("vmap"),
     "batched": _strategy_runner("batched"),
+    "lowrank": _strategy_runner("lowrank"),
     "auto": _strategy_runner("auto"),
     "ddp": _ddp_runner,
     "closure": _closure_runner,        # m = 1 only

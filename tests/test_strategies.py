@@ -52,7 +52,7 @@ def test_auto_strategy_picks_a_candidate_and_matches_loop():
     a, _ = _run("loop", True, False, 12, 4)
     strat = AutoStrategy()
     b, _ = _run(strat, True, False, 12, 4)
-    assert strat.choice in ("loop", "vmap", "batched")
+    assert strat.choice in ("loop", "vmap", "batched", "lowrank")
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
 
@@ -69,7 +69,8 @@ def _unleaf(b, kind):
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 13), m=st.integers(1, 13), d=st.integers(1, 4),
        kind=st.sampled_from(["t", "tuple", "dict", "nested"]),
-       rho=st.sampled_from([0.0, 0.05, 0.7]), strategy=st.sampled_from(["loop", "vmap", "batched"]))
+       rho=st.sampled_from([0.0, 0.05, 0.7]),
+       strategy=st.sampled_from(["loop", "vmap", "batched", "lowrank"]))
 def test_property_matches_reference_over_shapes_m_and_structures(n, m, d, kind, rho, strategy):
     m = min(m, n)
     torch.manual_seed(n * 31 + m)

@@ -107,8 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--m", dest="m_values", type=_int_list, default=None, metavar="1,2,..",
                         help="micro-batch counts (default: per model and plan, see above)")
     parser.add_argument("--strategies", type=_str_list, default=None, metavar="S,..",
-                        help="mSAM strategies among loop, vmap, batched, auto (default: per "
-                             "model)")
+                        help="mSAM strategies among loop, vmap, batched, lowrank, auto "
+                             "(default: per model)")
     parser.add_argument("--variants", type=_str_list, default=None, metavar="V,..",
                         help="also time SAM-family rules with their default hyperparameters, "
                              "for every --m and strategy: gsam, friendlysam, wsam, gcsam "
@@ -183,9 +183,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     if unknown:
         return err(f"unknown model(s) {', '.join(unknown)}; valid: "
                    f"{', '.join([*MODELS, *BENCH_ONLY_MODELS])}")
-    bad = [s for s in args.strategies or () if s not in ("loop", "vmap", "batched", "auto")]
+    known = ("loop", "vmap", "batched", "lowrank", "auto")
+    bad = [s for s in args.strategies or () if s not in known]
     if bad:
-        return err(f"unknown strategy {', '.join(bad)}; valid: loop, vmap, batched, auto")
+        return err(f"unknown strategy {', '.join(bad)}; valid: loop, vmap, batched, lowrank, auto")
     from msam.bench.workloads import VARIANT_NAMES
 
     bad = [v for v in args.variants or () if v not in VARIANT_NAMES]
@@ -274,7 +275,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         data["models"].append(result)
         # A strategy the model cannot run (vmap on a model it cannot trace) is a result, not a
         # failure of the benchmark; any other method failing is.
-        if any(r.get("error") and r.get("strategy") not in ("vmap", "batched", "auto")
+        if any(r.get("error") and r.get("strategy") not in ("vmap", "batched", "lowrank", "auto")
                for r in result["results"]):
             failed = True
         paths = write_reports(data, out_dir, plot=not args.no_plot)

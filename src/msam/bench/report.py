@@ -80,8 +80,8 @@ def _strategy_rows(model: dict[str, Any]) -> list[Any]:
     """``[strategies, row, row, ...]``: per m, each strategy's time / SAM and peak memory."""
     msam_rows = [r for r in model["results"] if r["method"] == "msam"]
     strategies = sorted({r["strategy"] for r in msam_rows},
-                        key=lambda st: ("loop", "vmap", "batched", "auto").index(st)
-                        if st in ("loop", "vmap", "batched", "auto") else 9)
+                        key=lambda st: ("loop", "vmap", "batched", "lowrank", "auto").index(st)
+                        if st in ("loop", "vmap", "batched", "lowrank", "auto") else 9)
     if len(strategies) < 2:
         return []
     res = _by_key(model)
@@ -290,7 +290,7 @@ def plot_report(data: dict[str, Any], path: Path) -> None:
     n = max(1, len(models))
     fig, axes = plt.subplots(2, n, figsize=(max(3.6 * n, 6.0), 7.0), squeeze=False)
     styles = {"loop": ("C0", "o"), "vmap": ("C1", "s"), "batched": ("C4", "D"),
-              "auto": ("C2", "^")}
+              "lowrank": ("C3", "v"), "auto": ("C2", "^")}
     for col, model in enumerate(models):
         res = _by_key(model)
         ax_t, ax_m = axes[0][col], axes[1][col]

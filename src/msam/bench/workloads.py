@@ -227,7 +227,7 @@ def make_methods(
     out = [Method("sgd"), Method("sam", 1, "loop")]
     for s in strategies:
         for m in m_values:
-            if m == 1 and s in ("loop", "batched"):  # both are SAM at m = 1
+            if m == 1 and s in ("loop", "batched", "lowrank"):  # both are SAM at m = 1
                 continue
             out.append(Method("msam", m, s))
     for v in variants:

@@ -166,8 +166,16 @@ class GradientEngine:
         """split -> g_j -> e_j -> h_j -> sum_j (n_j/n) h_j into p.grad; returns the mean L(w)."""
         flags, total = ctx.flags, torch.zeros((), dtype=torch.float64, device=ctx.params[0].device)
         rule = self.rule
+        fused = active and observer is None and strategy.fused_sam
         for idx in strategy.chunks(ctx):
-            if not active:  # rho = 0: h_j = g_j, one pass at w
+            out = strategy.sam_chunk(ctx, idx, rule, groups) if fused else None
+            if out is not None:  # the strategy ran ascent, rule and descent itself
+                losses, norms, losses_p = out
+                for j, loss, norm, loss_p in zip(idx, losses, norms, losses_p):
+                    flags.check(loss, "ascent", j, "loss")
+                    flags.check(norm, "ascent", j, "gradient")
+                    flags.check(loss_p, "perturbed", j, "loss")
+            elif not active:  # rho = 0: h_j = g_j, one pass at w
                 losses = strategy.descent(ctx, idx, None)
                 for j, loss in zip(idx, losses):
                     flags.check(loss, "ascent", j, "loss")

@@ -6,15 +6,16 @@ from msam.strategies.base import StepContext, Strategy
 from msam.strategies.batched import BatchedFallbackWarning, BatchedStrategy
 from msam.strategies.closure import ClosureStrategy
 from msam.strategies.loop import LoopStrategy
+from msam.strategies.lowrank import LowRankFallbackWarning, LowRankStrategy
 from msam.strategies.vmap import VmapStrategy
 
 STRATEGIES = {"loop": LoopStrategy, "vmap": VmapStrategy, "batched": BatchedStrategy,
-              "auto": AutoStrategy}
+              "lowrank": LowRankStrategy, "auto": AutoStrategy}
 
 
 def make_strategy(name: str | Strategy) -> Strategy:
     """A strategy instance from its name (``"loop"``, ``"vmap"``, ``"batched"``,
-    ``"auto"``) or an instance."""
+    ``"lowrank"``, ``"auto"``) or an instance."""
     if isinstance(name, Strategy):
         return name
     try:
@@ -27,6 +28,6 @@ def make_strategy(name: str | Strategy) -> Strategy:
 
 __all__ = [
     "STRATEGIES", "AutoStrategy", "BatchedFallbackWarning", "BatchedStrategy", "ClosureStrategy",
-    "LoopStrategy", "NonFiniteLossError",
+    "LoopStrategy", "LowRankFallbackWarning", "LowRankStrategy", "NonFiniteLossError",
     "StepContext", "Strategy", "VmapStrategy", "make_strategy",
 ]

@@ -1,4 +1,5 @@
-"""The ``auto`` strategy: measure ``loop``, ``vmap`` and ``batched`` once, then use the fastest.
+"""The ``auto`` strategy: measure ``loop``, ``vmap``, ``batched`` and ``lowrank`` once, then use
+the fastest.
 
 On the first step for a given configuration (parameter shapes and dtypes, micro-batch shapes,
 number of micro-batches, device, CPU thread count):
@@ -12,7 +13,8 @@ number of micro-batches, device, CPU thread count):
   Each candidate's time is the minimum over its timed calls (on CUDA with
   ``torch.cuda.synchronize`` around each call). A candidate that raises (e.g. a model that
   ``vmap`` cannot trace, or runs out of memory) is dropped, and so is ``batched`` when it
-  falls back to ``loop`` for the model (it would only measure the loop twice).
+  falls back to ``loop`` for the model (it would only measure the loop twice), and
+  ``lowrank`` when it falls back to ``batched`` or ``loop`` (its ``reason``).
 * The fastest other candidate is chosen only if it is faster than ``loop`` by more than
   ``margin`` (default 10%): ``vmap`` and ``batched`` hold ``m`` copies of the parameters and
   every micro-batch's activations at once (see ``msam bench``), so a tie goes to the strategy
@@ -37,6 +39,7 @@ from msam.core.batch import tensor_leaves
 from msam.strategies.base import StepContext, Strategy
 from msam.strategies.batched import BatchedStrategy
 from msam.strategies.loop import LoopStrategy
+from msam.strategies.lowrank import LowRankStrategy
 from msam.strategies.vmap import VmapStrategy
 
 __all__ = ["AutoStrategy", "config_key"]
@@ -54,7 +57,7 @@ def config_key(ctx: StepContext) -> str:
 
 
 class AutoStrategy(Strategy):
-    """Picks ``loop``, ``vmap`` or ``batched`` by measuring them once (see the module
+    """Picks ``loop``, ``vmap``, ``batched`` or ``lowrank`` by measuring them once (see the module
     docstring)."""
 
     name = "auto"
@@ -68,7 +71,8 @@ class AutoStrategy(Strategy):
         self.margin = float(margin)
         self.candidates: dict[str, Strategy] = {
             "loop": LoopStrategy(), "vmap": VmapStrategy(),
-            "batched": BatchedStrategy(fallback=True)}
+            "batched": BatchedStrategy(fallback=True),
+            "lowrank": LowRankStrategy(fallback=True)}
         self.choices: dict[str, str] = {}
         self.timings: dict[str, float] = {}
         self.choice: str | None = None
@@ -88,6 +92,13 @@ class AutoStrategy(Strategy):
         return self.candidates[self.choice]
 
     def _probe(self, trial: Callable[[Strategy], float]) -> str:
+        choice = self._measure(trial)
+        for name, s in self.candidates.items():  # the losers' kept buffers are not needed
+            if name != choice and isinstance(getattr(s, "_buffers", None), dict):
+                s._buffers = {}  # type: ignore[attr-defined]
+        return choice
+
+    def _measure(self, trial: Callable[[Strategy], float]) -> str:
         import warnings
 
         timings = {name: float("inf") for name in self.candidates}
@@ -102,8 +113,8 @@ class AutoStrategy(Strategy):
                     del alive[name]
                     timings[name] = float("inf")
                     continue
-                if getattr(alive[name], "reason", "") and name == "batched":
-                    del alive[name]  # it ran the loop: not a candidate
+                if getattr(alive[name], "reason", "") and name in ("batched", "lowrank"):
+                    del alive[name]  # it ran another candidate's path: not one itself
                     timings[name] = float("inf")
                     continue
                 if r > 0:

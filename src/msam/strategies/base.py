@@ -97,6 +97,18 @@ class Strategy:
     """Base class of the evaluators (see the module docstring)."""
 
     name = "base"
+    #: A strategy that can run a whole SAM step of a chunk itself (ascent, the rule, descent:
+    #: :meth:`sam_chunk`) sets this; the engine then offers it every chunk of an active step
+    #: (the ``lowrank`` strategy, which never forms ``g_j``; see docs/core.md).
+    fused_sam = False
+
+    def sam_chunk(self, ctx: StepContext, idx: list[int], rule: Any, groups: Any
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None:
+        """(``fused_sam``) Add ``coef * sum_j (n_j / n) h_j`` of chunk ``idx`` to ``p.grad``
+        with ``e_j`` from ``rule``, and return the losses ``L_j(w)``, the norms the rule
+        normalised by and the losses ``L_j(w + e_j)``; or ``None`` (nothing done) to leave the
+        chunk to the ordinary ascent -> rule -> descent path."""
+        return None
 
     def chunks(self, ctx: StepContext) -> list[list[int]]:
         """Micro-batch indices evaluated together; one at a time by default."""

@@ -277,7 +277,8 @@ class _GroupedMode(TorchFunctionMode):
         if p is not None and p.per_group is not None and (pb is None or pb.per_group is None):
             self._check_batch(x, "linear")
             b = None if bias is None else (bias if pb is None else pb.leaf)
-            return _LinearAscent.apply(x, p.leaf, b, self.k, self.workspace.get(id(weight)),
+            # pop: a weight used twice (tied) must not reuse the buffer of its first use
+            return _LinearAscent.apply(x, p.leaf, b, self.k, self.workspace.pop(id(weight), None),
                                        None if pb is None else pb.stacked, *p.per_group)
         if p is not None and p.points is not None and (pb is None or pb.points is None):
             self._check_batch(x, "linear")

@@ -75,7 +75,7 @@ VARIANT_KEYS: dict[str, frozenset[str]] = {
 }
 BASES = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
-STRATEGIES = ("loop", "vmap", "batched", "auto")
+STRATEGIES = ("loop", "vmap", "batched", "lowrank", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
 NONFINITE = ("raise", "skip")
 STUDY_KEYS = ("grid", "per_method", "name", "plots", "select", "description", "cases")

@@ -261,8 +261,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module,
         params, base_cls, rho=cfg.rho,
         micro_batches=1 if cfg.optimizer == "sam" else cfg.micro_batches,
         adaptive=cfg.optimizer == "asam", eta=cfg.eta, model=model,
-        strategy=msam.strategies.BatchedStrategy(chunk=cfg.micro_batch_chunk)
-        if cfg.strategy == "batched" else cfg.strategy,
+        strategy=msam.strategies.STRATEGIES[cfg.strategy](chunk=cfg.micro_batch_chunk)
+        if cfg.strategy in ("batched", "lowrank") else cfg.strategy,
         max_grad_norm=cfg.max_grad_norm, nonfinite=cfg.nonfinite, rule=variant_rule(cfg),
         every=cfg.every, start_step=start_step(cfg, steps_per_epoch),
         reuse=None if cfg.reuse == "none" else cfg.reuse, reuse_alpha=cfg.reuse_alpha, **kwargs,
