@@ -163,3 +163,14 @@ def test_bench_schedule_methods_run_one_window_per_call():
             st.step()
             assert calls[0] == expected, meth.key
         assert st.window == meth.window
+
+
+def test_bench_schedule_strategy_runs_the_perturbation_steps_with_it():
+    from msam.bench.workloads import build_workload, make_stepper, parse_schedules
+
+    (meth,) = parse_schedules("every2", 4, "lowrank")
+    assert meth.key == "msam-m4-every2-lowrank" and "lowrank" in meth.label
+    wl = build_workload("mlp", 16, input_shape=(1, 8, 8))
+    st = make_stepper(wl, meth)
+    st.step()
+    assert type(st.optimizer.engine.strategy).__name__ == "LowRankStrategy"

@@ -186,7 +186,8 @@ class Method:
             return f"accum-m{self.m}"
         if self.kind == "sched":
             what = f"late{self.late:g}" if self.late else f"every{self.every}"
-            return f"msam-m{self.m}-{what}" + (f"-{self.reuse}" if self.reuse else "")
+            where = "" if self.strategy in (None, "loop") else f"-{self.strategy}"
+            return f"msam-m{self.m}-{what}" + (f"-{self.reuse}" if self.reuse else "") + where
         if self.kind == "variant":
             return f"{self.rule}-{self.strategy}-m{self.m}"
         return f"msam-{self.strategy}-m{self.m}"
@@ -200,11 +201,13 @@ class Method:
         if self.kind == "accum":
             return f"SGD, {self.m} micro-batches accumulated"
         if self.kind == "sched":
+            who = f"mSAM m={self.m}" + ("" if self.strategy in (None, "loop")
+                                        else f" {self.strategy}")
             if self.late:
-                return f"mSAM m={self.m}, last {100 * (1 - self.late):g}% of steps"
+                return f"{who}, last {100 * (1 - self.late):g}% of steps"
             if self.reuse:
-                return f"mSAM m={self.m}, {self.reuse} reuse, every {self.every}"
-            return f"mSAM m={self.m}, every {self.every} steps"
+                return f"{who}, {self.reuse} reuse, every {self.every}"
+            return f"{who}, every {self.every} steps"
         if self.kind == "variant":
             return f"{VARIANT_NAMES.get(str(self.rule), str(self.rule))} {self.strategy} m={self.m}"
         return f"mSAM {self.strategy} m={self.m}"
@@ -237,20 +240,21 @@ def make_methods(
     return out
 
 
-def parse_schedules(text: str, m: int) -> list[Method]:
-    """``"every2,every5,late0.75,looksam5"`` -> schedule methods (mSAM loop with ``m``)."""
+def parse_schedules(text: str, m: int, strategy: str = "loop") -> list[Method]:
+    """``"every2,every5,late0.75,looksam5"`` -> schedule methods (mSAM with ``m`` and
+    ``strategy`` on the perturbation steps)."""
     out = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
         try:
             if item.startswith("every"):
-                meth = Method("sched", m, "loop", every=int(item[5:]))
+                meth = Method("sched", m, strategy, every=int(item[5:]))
             elif item.startswith("late"):
                 frac = float(item[4:])
                 if not 0 < frac < 1 or (frac * LATE_WINDOW) % 1:
                     raise ValueError
-                meth = Method("sched", m, "loop", late=frac)
+                meth = Method("sched", m, strategy, late=frac)
             elif item.startswith("looksam"):
-                meth = Method("sched", m, "loop", every=int(item[7:]), reuse="looksam")
+                meth = Method("sched", m, strategy, every=int(item[7:]), reuse="looksam")
             else:
                 raise ValueError
         except ValueError:
@@ -337,7 +341,7 @@ def make_stepper(
     if method.kind == "sched":
         start = round(method.late * LATE_WINDOW)
         opt_s = msam.MSAM(params, torch.optim.SGD, rho=rho, micro_batches=method.m,
-                          strategy="loop", model=wl.model, every=method.every,
+                          strategy=method.strategy or "loop", model=wl.model, every=method.every,
                           start_step=start, reuse=method.reuse, **sgd_kwargs)
 
         def window() -> Any:
