@@ -386,8 +386,9 @@ class _GroupedMode(TorchFunctionMode):
         return self._grouped_add(y, bias, 1)
 
 
-def _flat(args: Any, kwargs: dict) -> list:
-    out = []
+def _flat(args: Any, kwargs: dict) -> list[torch.Tensor]:
+    """Every tensor in a call's (nested) arguments."""
+    out: list[torch.Tensor] = []
     stack = [args, tuple(kwargs.values())]
     while stack:
         a = stack.pop()

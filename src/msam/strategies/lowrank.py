@@ -55,6 +55,7 @@ from msam.strategies.batched import (
     Unbatchable,
     _BNSlot,
     _concat,
+    _flat,
     _GroupedMode,
     _Param,
 )
@@ -160,7 +161,7 @@ class _FactoredMode(_GroupedMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is not F.linear and self.rules.get(func) is not None:
-            for a in _flat_tensors(args, kwargs or {}):
+            for a in _flat(args, kwargs or {}):
                 if id(a) in self.pert:
                     self._use(id(a), "explicit")
         return super().__torch_function__(func, types, args, kwargs)
@@ -203,17 +204,6 @@ class _FactoredMode(_GroupedMode):
         if layer is None:
             raise Unbatchable("the descent pass used a Linear the ascent did not")
         return _FactDescent.apply(x, w, b, layer)
-
-
-def _flat_tensors(args: Any, kwargs: dict) -> list[torch.Tensor]:
-    out, stack = [], [args, tuple(kwargs.values())]
-    while stack:
-        a = stack.pop()
-        if isinstance(a, (list, tuple)):
-            stack.extend(a)
-        elif isinstance(a, torch.Tensor):
-            out.append(a)
-    return out
 
 
 class LowRankStrategy(BatchedStrategy):
