@@ -666,6 +666,17 @@ def _figure(width: float, height: float, ncols: int = 1):
     return fig, axes
 
 
+def _save_accuracy_plot(fig: Any, ax: Any, path: Path, xlabel: str, title: str,
+                        legend_size: int) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def _plots(root: Path, cell_stats: list[dict[str, Any]], grid_keys: list[str]) -> list[Path]:
     out: list[Path] = []
     # 1. final test accuracy against m: one line per (family, other keys)
@@ -704,14 +715,9 @@ def _plots(root: Path, cell_stats: list[dict[str, Any]], grid_keys: list[str]) -
             ax.set_xscale("log", base=2)
             ax.set_xticks(ms)
             ax.set_xticklabels([str(m) for m in ms])
-        ax.set_xlabel("micro-batches m (m = 1 is SAM)")
-        ax.set_ylabel("final test accuracy (%)")
-        ax.set_title("Test accuracy vs number of micro-batches")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        path = root / "test_acc_vs_m.png"
-        fig.savefig(path, dpi=120)
-        out.append(path)
+        out.append(_save_accuracy_plot(fig, ax, root / "test_acc_vs_m.png",
+                                       "micro-batches m (m = 1 is SAM)",
+                                       "Test accuracy vs number of micro-batches", 8))
 
     # 2. test accuracy against wall-clock training time: one point per cell (cost vs benefit)
     timed = [cs for cs in cell_stats if cs["test"][0] is not None and cs.get("time", (None,))[0]]
@@ -722,14 +728,10 @@ def _plots(root: Path, cell_stats: list[dict[str, Any]], grid_keys: list[str]) -
             ax.errorbar([tm], [100 * acc], xerr=[tm_sd or 0.0], yerr=[100 * (acc_sd or 0.0)],
                         marker="o", capsize=3, color=f"C{i % 10}",
                         label=_cell_label(cs["cell"]))
-        ax.set_xlabel("training wall-clock time per run (s, mean ± std over seeds)")
-        ax.set_ylabel("final test accuracy (%)")
-        ax.set_title("Test accuracy vs training time")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        path = root / "acc_vs_time.png"
-        fig.savefig(path, dpi=120)
-        out.append(path)
+        out.append(_save_accuracy_plot(
+            fig, ax, root / "acc_vs_time.png",
+            "training wall-clock time per run (s, mean ± std over seeds)",
+            "Test accuracy vs training time", 7))
 
     # 3. training curves per cell (mean over seeds)
     fig, (ax1, ax2) = _figure(11, 4.2, ncols=2)
