@@ -169,3 +169,25 @@ def test_module_entry_point_subprocess(tmp_path):
     )
     assert proc.returncode == 2
     assert "missing.yaml" in proc.stderr and "not found" in proc.stderr
+
+
+def test_closed_stdout_ends_quietly(tmp_path, monkeypatch, capsys):
+    """``msam study cfg --dry-run | head``: the reader closes the pipe; no traceback, exit 0."""
+    import sys
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(
+        "name: s\ndataset: digits\nmodel: mlp\nepochs: 1\nout_dir: " + str(tmp_path / "o")
+        + "\ngrid:\n  optimizer: [sgd, sam]\n  seed: [0, 1]\n")
+
+    class Closed:
+        def write(self, _text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    code = main(["study", str(cfg), "--dry-run"])
+    assert code == 0
+    assert "Traceback" not in capsys.readouterr().err

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -244,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingError as err:
         _error(str(err))
         return EXIT_FAILED
+    except BrokenPipeError:  # stdout closed by the reader (`msam study ... --dry-run | head`)
+        _silence_stdout()
+        return EXIT_OK
     except KeyboardInterrupt:
         _error("interrupted; run the same command again (train: with --resume) to continue "
                "from the last checkpoint")
@@ -254,6 +258,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_FAILED
         raise
     return EXIT_OK if code is None else int(code)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush cannot raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (e.g. under a test)
+        pass
 
 
 if __name__ == "__main__":
