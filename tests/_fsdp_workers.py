@@ -9,7 +9,6 @@ most ``JOIN_TIMEOUT_S`` and kills what is left, so a hang fails the test instead
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -17,19 +16,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from _ranks import run_ranks  # tests/ is on sys.path in the spawned workers too
 
 WORLD = 2
 PG_TIMEOUT_S = 30
 JOIN_TIMEOUT_S = 150
 N_GLOBAL = 16
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -55,32 +49,8 @@ def _entry(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def spawn(out_dir: Path, world: int = WORLD, timeout: float = JOIN_TIMEOUT_S) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, str(out_dir)))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    if hung:
-        raise AssertionError(f"rank(s) {hung} still running after {timeout}s")
-    results = []
-    for r in range(world):
-        path = Path(out_dir) / f"rank{r}.pt"
-        if not path.exists():
-            raise AssertionError(f"rank {r} exited with {procs[r].exitcode}, no result")
-        res = torch.load(path, weights_only=False)
-        if "__error__" in res:
-            raise AssertionError(f"rank {r} failed:\n{res['__error__']}")
-        results.append(res)
-    return results
+    return run_ranks(_entry, lambda r, port: (r, world, port, str(out_dir)), out_dir, world,
+                     timeout)
 
 
 # -- models and data --------------------------------------------------------------------------

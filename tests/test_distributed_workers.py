@@ -9,7 +9,6 @@ gloo process group on 127.0.0.1 (free port, collective timeout ``PG_TIMEOUT_S``)
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -17,12 +16,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import msam
+from _ranks import run_ranks  # tests/ is on sys.path in the spawned workers too
 from msam.distributed import (
     DistributedMSAM,
     UnsupportedWrapperError,
@@ -43,12 +42,6 @@ PG_TIMEOUT_S = 30
 JOIN_TIMEOUT_S = 120
 
 # -- harness ----------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, name: str, out_dir: str, kwargs: dict) -> None:
@@ -72,33 +65,8 @@ def _entry(rank: int, world: int, port: int, name: str, out_dir: str, kwargs: di
 def spawn(name: str, out_dir: Path, world: int = WORLD, timeout: float = JOIN_TIMEOUT_S,
           **kwargs: Any) -> list[dict]:
     """Run scenario ``name`` on ``world`` ranks; returns each rank's result dict."""
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, name, str(out_dir), kwargs))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    if hung:
-        raise AssertionError(f"scenario {name!r}: rank(s) {hung} still running after {timeout}s")
-    results = []
-    for r in range(world):
-        path = Path(out_dir) / f"rank{r}.pt"
-        if not path.exists():
-            raise AssertionError(f"scenario {name!r}: rank {r} exited with "
-                                 f"{procs[r].exitcode} and wrote no result")
-        res = torch.load(path, weights_only=False)
-        if "__error__" in res:
-            raise AssertionError(f"scenario {name!r}: rank {r} failed:\n{res['__error__']}")
-        results.append(res)
-    return results
+    return run_ranks(_entry, lambda r, port: (r, world, port, name, str(out_dir), kwargs),
+                     out_dir, world, timeout, label=f"scenario {name!r}")
 
 
 # -- models and data --------------------------------------------------------------------------
