@@ -122,10 +122,24 @@ class VariantReference:
     """The SAM family's gradients written from the papers' update equations (docs/variants.md):
     ``kind`` in gsam, friendlysam, wsam, gcsam (or sam). ``grad(model, batch, m) -> {name:
     gradient}``; ``grad_and_loss`` also returns the mean loss at ``w``. Keeps its own state
-    (FriendlySAM's EMA), so one instance follows one training run."""
+    (FriendlySAM's EMA), so one instance follows one training run.
+
+    WSAM (``decoupled=True``, the default, as in the paper) returns ``g`` for the base
+    optimizer and leaves ``beta * sum_j (n_j/n) (h_j - g_j)`` in :attr:`decoupled`; the caller
+    applies ``w -= lr * decoupled`` after the base step (:meth:`after_base_step`)."""
 
     def __init__(self, kind, rho, **hp):
         self.kind, self.rho, self.hp, self.ema = kind, rho, hp, None
+        self.decoupled = None
+
+    def after_base_step(self, model, lr):
+        """The decoupled WSAM step ``w -= lr * d`` (nothing for the other kinds)."""
+        if self.decoupled is None:
+            return
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p -= lr * self.decoupled[k]
+        self.decoupled = None
 
     def grad(self, model, batch, m, lr=None):
         return self.grad_and_loss(model, batch, m, lr)[0]
@@ -171,6 +185,13 @@ class VariantReference:
                 hh = _flat_dot(h, h)
                 coef = _flat_dot(g, h) / hh if hh > 0 else 0.0
                 step = {k: h[k] - self.hp["alpha"] * (g[k] - coef * h[k]) for k in names}
+            elif self.kind == "wsam" and self.hp.get("decoupled", True):
+                beta = self.hp["gamma"] / (1 - self.hp["gamma"])
+                step = g
+                if self.decoupled is None:
+                    self.decoupled = {k: torch.zeros_like(v) for k, v in w.items()}
+                for k in names:
+                    self.decoupled[k] += wj * beta * (h[k] - g[k])
             elif self.kind == "wsam":
                 gam = self.hp["gamma"]
                 step = {k: (1 - 2 * gam) / (1 - gam) * g[k] + gam / (1 - gam) * h[k]

@@ -31,7 +31,7 @@ class Variant:
     name: str
     kwargs: dict = field(default_factory=dict)
     perturb: tuple[str, ...] | None = None    # parameter names for perturb= (SAM-ON style)
-    rule: tuple[str, tuple[tuple[str, float], ...]] | None = None   # (name, hyperparameters)
+    rule: tuple[str, tuple[tuple[str, float | bool], ...]] | None = None  # (name, hyperparams)
 
     def make_rule(self):
         """A fresh rule object (rules may keep state) or None."""
@@ -59,7 +59,10 @@ VARIANTS = [
     # The SAM family on the rule abstraction (docs/variants.md).
     Variant("gsam", {"rho": 0.1}, rule=("gsam", (("alpha", 0.3),))),
     Variant("gsam_m4", {"rho": 0.1, "micro_batches": 4}, rule=("gsam", (("alpha", 0.3),))),
+    Variant("wsam", {"rho": 0.1}, rule=("wsam", (("gamma", 0.8),))),   # decoupled (default)
     Variant("wsam_m4", {"rho": 0.1, "micro_batches": 4}, rule=("wsam", (("gamma", 0.8),))),
+    Variant("wsam_coupled_m4", {"rho": 0.1, "micro_batches": 4},
+            rule=("wsam", (("gamma", 0.8), ("decoupled", False)))),
     Variant("friendlysam", {"rho": 0.1}, rule=("friendlysam", (("sigma", 1.0), ("lmbda", 0.6)))),
     Variant("friendlysam_m4", {"rho": 0.1, "micro_batches": 4},
             rule=("friendlysam", (("sigma", 0.8), ("lmbda", 0.9)))),
@@ -216,6 +219,8 @@ def test_matches_reference(variant, base, runner, request):
         for n, p in ref_model.named_parameters():
             p.grad = grads[n]
         ref_opt.step()
+        if ref_rule is not None:
+            ref_rule.after_base_step(ref_model, ref_opt.param_groups[0]["lr"])
         assert abs(float(loss) - ref_loss) < 1e-10
     for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10, msg=n)

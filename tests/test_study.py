@@ -225,6 +225,20 @@ def test_select_chooses_rho_on_validation_never_on_test(tmp_path, monkeypatch):
     assert (root / "selected.png").stat().st_size > 0
 
 
+def test_select_over_a_key_set_by_cases(tmp_path, monkeypatch):
+    """rho may come from ``cases`` (cells that are not a full product) and still be selected
+    over; before, only grid axes were accepted."""
+    text = STUDY.split("grid:")[0] + (
+        "grid:\n  optimizer: [msam]\n  seed: [0, 1]\n"
+        "cases:\n  - {{micro_batches: 2, rho: 0.05}}\n  - {{micro_batches: 2, rho: 0.1}}\n"
+        "select: {{by: val_acc, over: [rho]}}\n")
+    study = _study(tmp_path, text=text)
+    monkeypatch.setattr(study_mod, "train", _fake_train)
+    chosen = study_mod.select_cells(study, _finished(study))
+    assert [(tuple(c["group"]), c["chosen"]) for c in chosen] == [
+        ((("optimizer", "msam"), ("micro_batches", 2)), {"rho": 0.1})]
+
+
 def _finished(study):
     runs = expand_grid(study)
     for r in runs:

@@ -34,7 +34,9 @@ CASES = {
     "gsam": (lambda: msam.core.GSAMRule(alpha=0.3), {"alpha": 0.3}),
     "friendlysam": (lambda: msam.core.FriendlySAMRule(sigma=0.8, lmbda=0.7),
                     {"sigma": 0.8, "lmbda": 0.7}),
-    "wsam": (lambda: msam.core.WSAMRule(gamma=0.8), {"gamma": 0.8}),
+    "wsam": (lambda: msam.core.WSAMRule(gamma=0.8), {"gamma": 0.8}),   # decoupled (default)
+    "wsam_coupled": (lambda: msam.core.WSAMRule(gamma=0.8, decoupled=False),
+                     {"gamma": 0.8, "decoupled": False}),
     "gcsam": (lambda: msam.core.GCSAMRule(), {}),
 }
 MAX_DIFF: dict[tuple[str, int], float] = {}
@@ -49,7 +51,7 @@ def test_matches_paper_reference(kind, m, strategy):
     opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=0.2, micro_batches=m,
                     rule=make(), strategy=strategy, model=model, lr=0.1, momentum=0.9)
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
-    ref = Reference(kind, 0.2, **hp)
+    ref = Reference(kind.removesuffix("_coupled"), 0.2, **hp)
     for s in range(4):
         batch = _data(s)
         opt.step(lambda b: _loss(model, b), batch)
@@ -59,6 +61,7 @@ def test_matches_paper_reference(kind, m, strategy):
         for nm, p in ref_model.named_parameters():
             p.grad = grads[nm]
         ref_opt.step()
+        ref.after_base_step(ref_model, 0.1)
     diff = max(float((p - q).detach().abs().max()) for p, q in zip(model.parameters(),
                                                             ref_model.parameters()))
     MAX_DIFF[(kind, m)] = max(diff, MAX_DIFF.get((kind, m), 0.0))
@@ -164,3 +167,132 @@ def test_friendlysam_skipped_step_leaves_the_ema():
     opt.step(lambda b: _loss(model, b) * float("nan"), _data(1))
     assert opt.skipped_steps == 1
     assert all(torch.equal(before[i], rule.m[i]) for i in before)
+
+
+# -- WSAM, decoupled (the paper's form): the sharpness step after the base step ---------------
+def _wsam_reference_run(batches_per_step, m, base, base_kw, gamma=0.8, rho=0.2, steps=3):
+    """The paper's decoupled update, by hand: the base optimizer on the mean clean gradient,
+    then ``w -= lr * beta * mean_j (h_j - g_j)``; several loader batches per step average
+    both parts (accumulation)."""
+    model = _model()
+    opt = base(model.parameters(), **base_kw)
+    ref = Reference("wsam", rho, gamma=gamma)
+    for s in range(steps):
+        total, dec = None, None
+        for b in batches_per_step(s):
+            k = len(batches_per_step(s))
+            g = ref.grad(model, b, m)
+            d, ref.decoupled = ref.decoupled, None
+            total = {n: v / k for n, v in g.items()} if total is None else \
+                {n: total[n] + v / k for n, v in g.items()}
+            dec = {n: v / k for n, v in d.items()} if dec is None else \
+                {n: dec[n] + v / k for n, v in d.items()}
+        for n, p in model.named_parameters():
+            p.grad = total[n]
+        opt.step()
+        ref.decoupled = dec
+        ref.after_base_step(model, opt.param_groups[0]["lr"])
+    return model
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("base", ["adamw", "sgd_wd"])
+def test_wsam_decoupled_keeps_the_sharpness_step_out_of_the_base_optimizer(base, m):
+    cls, kw = {"adamw": (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}),
+               "sgd_wd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9,
+                                            "weight_decay": 0.01})}[base]
+    ref = _wsam_reference_run(lambda s: [_data(s)], m, cls, kw)
+    model = _model()
+    opt = msam.MSAM(model.parameters(), cls, rho=0.2, micro_batches=m,
+                    rule=msam.core.WSAMRule(gamma=0.8), **kw)
+    for s in range(3):
+        opt.step(lambda b: _loss(model, b), _data(s))
+    diff = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), ref.parameters()))
+    assert diff < 1e-10
+    # ... and the coupled form is a different update here (momentum / Adam see h - g).
+    coupled = _model()
+    opt_c = msam.MSAM(coupled.parameters(), cls, rho=0.2, micro_batches=m,
+                      rule=msam.core.WSAMRule(gamma=0.8, decoupled=False), **kw)
+    for s in range(3):
+        opt_c.step(lambda b: _loss(coupled, b), _data(s))
+    assert max(float((p - q).abs().max())
+               for p, q in zip(coupled.parameters(), model.parameters())) > 1e-4
+
+
+def test_wsam_decoupled_accumulation_averages_both_parts():
+    batches = lambda s: [_data(10 * s), _data(10 * s + 1)]  # noqa: E731
+    ref = _wsam_reference_run(batches, 2, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
+    model = _model()
+    opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=0.2, micro_batches=2,
+                    rule=msam.core.WSAMRule(gamma=0.8), lr=0.1, momentum=0.9)
+    for s in range(3):
+        for b in batches(s):
+            opt.accumulate(lambda b: _loss(model, b), b, scale=0.5)
+        opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10)
+
+
+def test_wsam_decoupled_with_a_grad_scaler_equals_unscaled():
+    def run(scaler):
+        model = _model()
+        opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=0.2, micro_batches=2,
+                        rule="wsam", lr=0.1, momentum=0.9)
+        for s in range(3):
+            opt.step(lambda b: _loss(model, b), _data(s), scaler=scaler)
+            if scaler is not None:
+                scaler.update()
+        return model
+
+    plain = run(None)
+    scaled = run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    for p, q in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_wsam_decoupled_skipped_or_failed_step_moves_nothing():
+    model = _model()
+    opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=0.2, micro_batches=2,
+                    rule="wsam", lr=0.1, momentum=0.9, nonfinite="skip")
+    opt.step(lambda b: _loss(model, b), _data(0))
+    w = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def nan_in_second_perturbed_pass(b):
+        calls.append(1)
+        loss = _loss(model, b)
+        return loss * float("nan") if len(calls) == 4 else loss
+
+    opt.step(nan_in_second_perturbed_pass, _data(1))
+    assert opt.skipped_steps == 1 and len(calls) == 4
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+    # A base step that raises leaves the weights too, and the next step starts clean.
+    real = opt.base_optimizer.step
+    opt.base_optimizer.step = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("base"))
+    with pytest.raises(RuntimeError, match="base"):
+        opt.step(lambda b: _loss(model, b), _data(2))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+    assert opt._decoupled is None
+    opt.base_optimizer.step = real
+    opt.step(lambda b: _loss(model, b), _data(2))
+
+
+def test_wsam_decoupled_refusals_name_the_argument():
+    model = _model()
+    with pytest.raises(ValueError, match="msam_gradient"):
+        msam.msam_gradient(lambda b: _loss(model, b), _data(0), model.parameters(),
+                           rule="wsam")
+    msam.msam_gradient(lambda b: _loss(model, b), _data(0), model.parameters(),
+                       rule=msam.core.WSAMRule(decoupled=False))   # the coupled form: fine
+    with pytest.raises(ValueError, match="reuse"):
+        msam.MSAM(model.parameters(), torch.optim.SGD, rule="wsam", every=2, reuse="looksam",
+                  lr=0.1)
+    with pytest.raises(ValueError, match="decoupled"):
+        msam.core.WSAMRule(decoupled="yes")
+    # A checkpoint of the other form is refused, not silently continued with another update.
+    opt = msam.MSAM(model.parameters(), torch.optim.SGD, rule=msam.core.WSAMRule(
+        decoupled=False), lr=0.1)
+    opt.step(lambda b: _loss(model, b), _data(0))
+    other = msam.MSAM(model.parameters(), torch.optim.SGD, rule="wsam", lr=0.1)
+    with pytest.raises(ValueError, match="decoupled=False"):
+        other.load_state_dict(opt.state_dict())

@@ -37,7 +37,8 @@ def _model():
     ("gsam", {"gsam_alpha": 0.2}, {"alpha": 0.2}),
     ("friendlysam", {"friendly_sigma": 0.7, "friendly_lambda": 0.95},
      {"sigma": 0.7, "lmbda": 0.95}),
-    ("wsam", {"wsam_gamma": 0.8}, {"gamma": 0.8}),
+    ("wsam", {"wsam_gamma": 0.8}, {"gamma": 0.8, "decoupled": True}),
+    ("wsam", {"wsam_decoupled": False}, {"decoupled": False}),
     ("gcsam", {}, {}),
 ])
 def test_trainer_builds_each_variant(method, keys, expect):
@@ -56,6 +57,7 @@ def test_default_hyperparameters_match_the_rules():
 
     cfg = TrainConfig()
     assert cfg.gsam_alpha == GSAMRule().alpha and cfg.wsam_gamma == WSAMRule().gamma
+    assert cfg.wsam_decoupled == WSAMRule().decoupled
     assert (cfg.friendly_sigma, cfg.friendly_lambda) == (FriendlySAMRule().sigma,
                                                          FriendlySAMRule().lmbda)
 
@@ -75,6 +77,7 @@ def test_gsam_rho_schedule_is_tied_to_the_lr():
 
 @pytest.mark.parametrize("keys, needle", [
     ({"optimizer": "wsam", "wsam_gamma": 1.0}, "wsam_gamma"),
+    ({"optimizer": "wsam", "wsam_decoupled": "sometimes"}, "wsam_decoupled"),
     ({"optimizer": "friendlysam", "friendly_sigma": 1.5}, "friendly_sigma"),
     ({"optimizer": "friendlysam", "friendly_lambda": -0.1}, "friendly_lambda"),
     ({"optimizer": "gsam", "gsam_alpha": -1}, "gsam_alpha"),
@@ -145,12 +148,16 @@ def test_noisy_variants_study_config_expands_to_the_intended_runs():
     root = Path(__file__).resolve().parents[1]
     runs = expand_grid(load_study_config(root / "configs" / "fashion_mnist_noisy_variants.yaml"))
     cells = {(r.method, r.config.micro_batches, r.config.rho) for r in runs}
-    assert len(runs) == 60 and len(cells) == 20
-    assert {(m, r) for (x, m, r) in cells if x == "sam"} == {(1, 0.1), (1, 0.4)}
-    assert {(m, r) for (x, m, r) in cells if x == "msam"} == {(16, 0.1), (16, 0.4)}
+    grid = {(m, r) for m in (1, 4) for r in (0.05, 0.1, 0.2, 0.4)} | {(16, 0.05), (16, 0.1)}
+    assert len(runs) == 150 and len(cells) == 50
+    assert {(m, r) for (x, m, r) in cells if x in ("sam", "msam")} == grid
     for v in VARIANT_KEYS:
-        assert {(m, r) for (x, m, r) in cells if x == v} == {(1, 0.1), (1, 0.4), (16, 0.1),
-                                                             (16, 0.4)}
+        assert {(m, r) for (x, m, r) in cells if x == v} == grid
+    assert all(r.config.wsam_decoupled for r in runs)   # WSAM in the paper's form
+    # Run names match those of the studies whose runs it reuses (same configs).
+    names = {r.name for r in runs}
+    assert {"sam_rho0.4_s0", "msam_m4_rho0.2_s1", "gsam_m1_rho0.1_s0", "wsam_m16_rho0.05_s2"
+            } <= names
     # the data / model / training keys are the equal-budget protocol's
     cfg = runs[0].config
     assert (cfg.label_noise, cfg.train_subset, cfg.epochs, cfg.lr, cfg.batch_size) == \

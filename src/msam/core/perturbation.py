@@ -174,6 +174,11 @@ class PerturbationRule:
     #: the engine then keeps ``g_j`` (it calls the rule with ``owned=False``) and asks the
     #: evaluator for each micro-batch's ``h_j`` separately (see docs/core.md).
     combines = False
+    #: A ``combines`` rule that also moves the weights outside the base optimizer sets this and
+    #: implements :meth:`combine_decoupled`: the engine sums the second part over the
+    #: micro-batches (``d``, in gradient units, loss scale removed) and the optimizer applies
+    #: ``p -= lr * d`` right after the base step, as AdamW applies its decoupled weight decay.
+    decouples = False
     #: A rule that keeps a per-step statistic of the ascent gradients sets this: the engine calls
     #: :meth:`observe` with each ``g_j`` (before the rule) and :meth:`end_step` once the step is
     #: committed; :meth:`begin_step` starts each gradient computation.
@@ -229,6 +234,14 @@ class PerturbationRule:
         """(``combines`` rules) Micro-batch ``j``'s contribution to ``p.grad`` from ``g_j``
         (``grads``, unscaled) and ``c_j = scale * h_j`` (``contribs``, ``scale = (n_j / n) x
         accumulation weight x loss scale``, a float or a 0-d tensor): ``scale * f(g_j, h_j)``."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def combine_decoupled(self, grads: Tensors, contribs: Tensors, scale: Any,
+                          params: Sequence[torch.Tensor], groups: Sequence[Mapping[str, Any]]
+                          ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """(``decouples`` rules) As :meth:`combine`, split in two: ``(to_grad, to_weights)``,
+        both ``scale`` times a function of ``g_j`` and ``h_j``. ``to_grad`` goes into ``p.grad``
+        (the base optimizer's input); ``to_weights`` is the micro-batch's part of ``d``."""
         raise NotImplementedError  # pragma: no cover - interface
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:

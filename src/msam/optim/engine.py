@@ -76,6 +76,9 @@ class GradientResult:
     bn: BatchNormStep | None = field(default=None, repr=False)   # uncommitted statistics
     undo_grads: Callable[[], None] | None = field(default=None, repr=False)
     rule_commit: Callable[[], None] | None = field(default=None, repr=False)
+    #: (``decouples`` rules) per parameter, ``d`` to apply as ``p -= lr * d`` after the base
+    #: step (unscaled; ``None`` where nothing); ``None`` for other rules.
+    decoupled: list[torch.Tensor | None] | None = field(default=None, repr=False)
 
     def commit(self) -> None:
         """Write this computation's BatchNorm running statistics and the rule's per-step state
@@ -161,8 +164,8 @@ class GradientEngine:
 
     # -- the path ---------------------------------------------------------------------------
     def _path(self, strategy: Strategy, ctx: StepContext, groups: Sequence[Mapping[str, Any]],
-              active: bool, observer: Callable[[Any, float], None] | None = None
-              ) -> torch.Tensor:
+              active: bool, observer: Callable[[Any, float], None] | None = None,
+              decoupled: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """split -> g_j -> e_j -> h_j -> sum_j (n_j/n) h_j into p.grad; returns the mean L(w)."""
         flags, total = ctx.flags, torch.zeros((), dtype=torch.float64, device=ctx.params[0].device)
         rule = self.rule
@@ -195,7 +198,8 @@ class GradientEngine:
                     del e_j, g_j
                 # The strategy may take e_j out of ``offsets`` to free it during its pass.
                 if rule.combines:
-                    losses_p = self._combined_descent(strategy, ctx, idx, offsets, kept, groups)
+                    losses_p = self._combined_descent(strategy, ctx, idx, offsets, kept, groups,
+                                                      decoupled)
                 else:
                     losses_p = strategy.descent(ctx, idx, offsets)
                 for j, loss_p in zip(idx, losses_p):
@@ -207,17 +211,34 @@ class GradientEngine:
         return total
 
     def _combined_descent(self, strategy: Strategy, ctx: StepContext, idx: list[int],
-                          offsets: list, kept: list, groups: Sequence[Mapping[str, Any]]
+                          offsets: list, kept: list, groups: Sequence[Mapping[str, Any]],
+                          decoupled: list[torch.Tensor | None] | None = None
                           ) -> list[torch.Tensor]:
         """For a rule that ``combines``: ``p.grad += rule.combine(g_j, c_j)`` per micro-batch,
-        with ``c_j = (n_j/n) x weight x loss scale x h_j`` from ``strategy.descent_each``."""
+        with ``c_j = (n_j/n) x weight x loss scale x h_j`` from ``strategy.descent_each``; a
+        rule that ``decouples`` also adds its second part into ``decoupled`` (per perturbed
+        parameter, still loss-scaled)."""
         losses = []
-        for k, (j, (loss_p, c)) in enumerate(zip(idx, strategy.descent_each(ctx, idx, offsets))):
+        rule = self.rule
+        # The evaluator's generator runs to its end: code after its last item (a distributed
+        # strategy's all-reduce) sees every micro-batch's combination in p.grad.
+        for k, (loss_p, c) in enumerate(strategy.descent_each(ctx, idx, offsets)):
+            j = idx[k]
             scale: Any = ctx.micro_batches[j][1] * ctx.grad_weight
             if ctx.loss_scale is not None:
                 scale = ctx.loss_scale * scale
-            pert = self.rule.combine(kept[k], [c[i] for i in ctx.perturbed], scale,
-                                     ctx.pert_params, groups)
+            h = [c[i] for i in ctx.perturbed]
+            if decoupled is not None:
+                pert, extra = rule.combine_decoupled(kept[k], h, scale, ctx.pert_params, groups)
+                with torch.no_grad():
+                    for n, d in enumerate(extra):
+                        if d is not None:
+                            acc = decoupled[n]
+                            decoupled[n] = d if acc is None else acc.add_(d)
+                del extra
+            else:
+                pert = rule.combine(kept[k], h, scale, ctx.pert_params, groups)
+            del h
             kept[k] = None
             for i, ci in zip(ctx.perturbed, pert):
                 c[i] = ci
@@ -263,8 +284,10 @@ class GradientEngine:
                     perturbed=perturbed, backup=backup, bn=bn, flags=NonFiniteFlags(),
                     loss_scale=spec.loss_scale, grad_weight=spec.grad_weight, model=self.model,
                 )
+                decoupled: list[torch.Tensor | None] | None = (
+                    [None] * len(perturbed) if active and self.rule.decouples else None)
                 with strategy.session(ctx):
-                    loss = self._path(strategy, ctx, groups, active, spec.observer)
+                    loss = self._path(strategy, ctx, groups, active, spec.observer, decoupled)
                     bad = ctx.flags.first()  # the one host sync of the step
                     if bad is not None:
                         raise NonFiniteLossError(*bad)
@@ -276,10 +299,26 @@ class GradientEngine:
             undo_grads()
             raise
         result = GradientResult(loss.to(params[0].dtype), bn=bn, undo_grads=undo_grads,
-                                rule_commit=self.rule.end_step if observes else None)
+                                rule_commit=self.rule.end_step if observes else None,
+                                decoupled=self._unscaled(decoupled, perturbed, len(params),
+                                                         spec.loss_scale))
         if commit:
             result.commit()
         return result
+
+    @staticmethod
+    @torch.no_grad()
+    def _unscaled(decoupled: list[torch.Tensor | None] | None, perturbed: list[int], n: int,
+                  loss_scale: torch.Tensor | None) -> list[torch.Tensor | None] | None:
+        """The rule's decoupled part per parameter (``None`` where nothing), loss scale
+        removed."""
+        if decoupled is None:
+            return None
+        out: list[torch.Tensor | None] = [None] * n
+        for i, d in zip(perturbed, decoupled):
+            if d is not None:
+                out[i] = d if loss_scale is None else d.div_(loss_scale.to(d.dtype))
+        return out
 
     def compute(
         self,

@@ -207,7 +207,13 @@ class MSAM(Optimizer):
             raise ValueError(f"reuse: {self.schedule.reuse!r} needs every parameter perturbed "
                              "(its direction is made from the clean gradient of the perturbed "
                              "ones); drop perturb= or reuse")
+        if self.schedule.reuse is not None and self.engine.rule.decouples:
+            raise ValueError(f"reuse: {self.schedule.reuse!r} rebuilds the gradient from p.grad, "
+                             f"which rule {self.engine.rule.name!r} (decoupled) leaves without "
+                             "the sharpness term; drop reuse or use the coupled form")
         self._pending = False
+        #: (decoupled rules) the sharpness step waiting for the base step: ``p -= lr * d``.
+        self._decoupled: list[torch.Tensor | None] | None = None
         self._two_step: tuple[list[torch.Tensor], list[torch.Tensor], Any] | None = None
         self.steps = 0
         self.skipped_steps = 0
@@ -293,6 +299,7 @@ class MSAM(Optimizer):
             self.skipped_steps += 1
             return result.loss
         self.schedule.keep_call(fresh=not self._pending)
+        self._add_decoupled(result.decoupled, fresh=not self._pending)
         self._pending = True
         return result.loss
 
@@ -360,9 +367,11 @@ class MSAM(Optimizer):
                 self._report_overflow(scaler)
             return result.loss
         self.schedule.keep_call(fresh=True)
+        self._add_decoupled(result.decoupled, fresh=True)
         try:
             self._scheduled_base_step(scaler)
         except BaseException:
+            self._decoupled = None
             if result.undo_grads is not None:
                 result.undo_grads()
             raise
@@ -402,8 +411,33 @@ class MSAM(Optimizer):
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             self.base_optimizer.step()
+        self._apply_decoupled()
         self._pending = False
         self.steps += 1
+
+    def _add_decoupled(self, decoupled: list[torch.Tensor | None] | None, fresh: bool) -> None:
+        if fresh:
+            self._decoupled = None
+        if decoupled is None:
+            return
+        if self._decoupled is None:
+            self._decoupled = decoupled
+            return
+        with torch.no_grad():
+            self._decoupled = [a if d is None else d if a is None else a.add_(d)
+                               for a, d in zip(self._decoupled, decoupled)]
+
+    @torch.no_grad()
+    def _apply_decoupled(self) -> None:
+        """A decoupled rule's step after the base step (WSAM): ``p -= lr * d``, ``lr`` being
+        the param group's current learning rate."""
+        decoupled, self._decoupled = self._decoupled, None
+        if decoupled is None:
+            return
+        params, groups, _ = self._per_param()
+        for p, d, group in zip(params, decoupled, groups):
+            if d is not None:
+                p.sub_(d.to(p.dtype) * group["lr"])
 
     def _report_overflow(self, scaler: Any) -> None:
         """Let the scaler see this step's overflow so that ``scaler.update()`` lowers the scale.
@@ -488,6 +522,7 @@ class MSAM(Optimizer):
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._pending = False
+        self._decoupled = None
         super().zero_grad(set_to_none=set_to_none)
 
     # -- state ----------------------------------------------------------------------------------
@@ -560,6 +595,7 @@ class MSAM(Optimizer):
         self.skipped_steps = settings["skipped_steps"]
         self.schedule = schedule
         self._pending = False
+        self._decoupled = None
 
     def __repr__(self) -> str:
         return (
@@ -711,6 +747,12 @@ def msam_gradient(
         micro_batches=micro_batches, micro_batch_size=micro_batch_size, adaptive=adaptive,
         rule=rule, strategy=strategy, model=model, nonfinite=nonfinite,
     )
+    if engine.rule.decouples:
+        raise ValueError(
+            f"rule: {engine.rule.name!r} (decoupled) moves the weights after the base step, "
+            "which msam_gradient (it only fills p.grad) cannot do; use msam.MSAM (its "
+            "accumulate() and step() work inside trainers) or the coupled form, e.g. "
+            "msam.core.WSAMRule(decoupled=False)")
     group = {"rho": rho, "eta": eta}
     observer = schedule.observer(float(scale)) if schedule is not None and on else None
     try:

@@ -70,7 +70,7 @@ METHODS = ("sgd", "sam", "msam", "asam", "gsam", "friendlysam", "wsam", "gcsam")
 VARIANT_KEYS: dict[str, frozenset[str]] = {
     "gsam": frozenset({"gsam_alpha", "gsam_rho_min"}),
     "friendlysam": frozenset({"friendly_sigma", "friendly_lambda"}),
-    "wsam": frozenset({"wsam_gamma"}),
+    "wsam": frozenset({"wsam_gamma", "wsam_decoupled"}),
     "gcsam": frozenset(),
 }
 BASES = ("sgd", "adamw")
@@ -215,6 +215,8 @@ class TrainConfig(_Schema):
     friendly_lambda: Float = _f(0.9, "friendlysam: decay of the gradient EMA", ge=0, le=1)
     wsam_gamma: Float = _f(0.9, "wsam: sharpness weight gamma (gamma / (1 - gamma) times the "
                                 "sharpness; 0.5 = SAM)", ge=0, lt=1)
+    wsam_decoupled: bool = _f(True, "wsam: the sharpness term as a plain step after the base "
+                                    "step (the paper's form); false: coupled into the gradient")
     lr: Float = _f(0.1, "peak learning rate", gt=0)
     momentum: Float = _f(0.9, "SGD momentum", ge=0, lt=1)
     nesterov: bool = _f(False, "SGD Nesterov momentum")
@@ -803,8 +805,6 @@ def study_from_dict(
         if "optimizer" in pm[method]:
             raise ConfigError(f"{where(f'per_method.{method}.optimizer')}: key "
                               f"'per_method.{method}.optimizer' is not allowed")
-    if select is not None:
-        select = _check_select(select, grid_axes, pm, where)
     if not isinstance(cases, list) or not all(isinstance(c, Mapping) for c in cases):
         raise ConfigError(f"{where('cases')}: key 'cases' must be a list of mappings "
                           "{key: value}")
@@ -816,6 +816,8 @@ def study_from_dict(
                 raise ConfigError(f"{where('cases')}: key 'cases[{i}].{k}' is also a grid axis "
                                   "(or optimizer / seed); put it in one place")
         checked_cases.append({k: v[0] for k, v in one.items()})
+    if select is not None:
+        select = _check_select(select, grid_axes, pm, checked_cases, where)
     return StudyConfig(train=train, grid=grid_axes, per_method=pm, name=name, plots=plots,
                        select=select, description=description.strip(), raw=dict(raw),
                        source=source, cases=checked_cases)
@@ -823,7 +825,7 @@ def study_from_dict(
 
 def _check_select(select: Any, grid: Mapping[str, list[Any]],
                   per_method: Mapping[str, Mapping[str, list[Any]]],
-                  where: Callable[[str], str]) -> dict[str, Any]:
+                  cases: list[dict[str, Any]], where: Callable[[str], str]) -> dict[str, Any]:
     if not isinstance(select, Mapping):
         raise ConfigError(f"{where('select')}: key 'select' must be a mapping "
                           "{by: val_acc, over: [rho]}")
@@ -841,11 +843,12 @@ def _check_select(select: Any, grid: Mapping[str, list[Any]],
     if not isinstance(over, (list, tuple)) or not over:
         raise ConfigError(f"{where('select.over')}: key 'select.over' must list grid keys, "
                           "e.g. [rho]")
-    axes = set(grid) | {k for m in per_method.values() for k in m}
+    axes = set(grid) | {k for m in per_method.values() for k in m} | {k for c in cases for k in c}
     for k in over:
         if k not in axes or k in ("optimizer", "seed"):
             raise ConfigError(f"{where('select.over')}: key 'select.over' names {k!r}, which "
-                              "is not a grid axis (other than optimizer and seed)")
+                              "is not a grid axis or a key of cases (other than optimizer and "
+                              "seed)")
     return {"by": by, "over": [str(k) for k in over]}
 
 

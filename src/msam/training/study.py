@@ -86,6 +86,7 @@ _ABBREV = {"rho": "rho", "micro_batches": "m", "seed": "s", "label_noise": "nois
            "reuse": "reuse", "reuse_alpha": "ralpha",
            # SAM-family hyperparameters: wsam_rho0.1_m16_wgamma0.8_s0
            "gsam_alpha": "alpha", "gsam_rho_min": "rhomin", "wsam_gamma": "wgamma",
+           "wsam_decoupled": "decoupled",
            "friendly_sigma": "sigma", "friendly_lambda": "lambda"}
 
 

@@ -284,7 +284,7 @@ def variant_rule(cfg: TrainConfig) -> msam.PerturbationRule | None:
     if cfg.optimizer == "friendlysam":
         return FriendlySAMRule(sigma=cfg.friendly_sigma, lmbda=cfg.friendly_lambda)
     if cfg.optimizer == "wsam":
-        return WSAMRule(gamma=cfg.wsam_gamma)
+        return WSAMRule(gamma=cfg.wsam_gamma, decoupled=cfg.wsam_decoupled)
     if cfg.optimizer == "gcsam":
         return GCSAMRule()
     return None
