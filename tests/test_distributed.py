@@ -75,6 +75,24 @@ def test_accumulation_syncs_once(equivalence):
     assert res["all_unsynced"]["grad_sync_per_step"] == [1, 1]
 
 
+@pytest.mark.parametrize("case", ["gsam", "wsam", "wsam_coupled", "gsam_accumulate",
+                                  "wsam_accumulate"])
+def test_combining_rules_under_ddp_equal_the_papers_update(equivalence, case):
+    """GSAM and WSAM (decoupled and coupled) on 2 ranks x 2 micro-batches = the papers'
+    equations on the global batch with 4 micro-batches; each rank combines its own, and the
+    step costs one explicit all-reduce (which carries WSAM's decoupled part too), none in
+    DDP's backward."""
+    r0, r1 = equivalence
+    res = r0["combining"][case]
+    assert max(res["param_diff"]) < 1e-10, res["param_diff"]
+    for a, b in zip(res["params"], r1["combining"][case]["params"]):
+        assert torch.equal(a, b)
+    for r in (r0, r1):
+        assert r["combining"][case]["hook_calls_per_step"] == [0, 0, 0]
+        assert r["combining"][case]["grad_sync_per_step"] == [1, 1, 1]
+    assert "mode='local'" in r0["combining"]["synchronized_error"]
+
+
 def test_plain_module_rejected_with_two_ranks(equivalence):
     for r in equivalence:
         assert "wrap it in DistributedDataParallel" in r["plain_module_error"]
@@ -101,7 +119,7 @@ def _faults(ranks, name):
 
 
 def test_nonfinite_skip_is_agreed_by_every_rank(ranks):
-    for name in ("skip_ascent", "skip_final"):
+    for name in ("skip_ascent", "skip_final", "gsam_skip_final"):
         for res in _faults(ranks, name):
             assert res["outcome"] == "ok"
             assert res["unchanged"] and res["recovery"] == "ok" and res["in_sync"], (name, res)
@@ -112,6 +130,7 @@ def test_nonfinite_skip_is_agreed_by_every_rank(ranks):
     ("raise_ascent", 1, "ValueError: boom on rank 1"),
     ("raise_final", 0, "ValueError: boom on rank 0"),
     ("raise_unsynced_accumulate", 1, "ValueError: boom on rank 1"),
+    ("wsam_raise_final", 0, "ValueError: boom on rank 0"),
     ("sync_raise_ascent", 1, "ValueError: boom on rank 1"),
     ("sync_raise_descent", 0, "ValueError: boom on rank 0"),
 ])

@@ -32,6 +32,7 @@ from msam.distributed import (
 )
 
 from reference import (  # noqa: E402 - tests/ is on sys.path in the spawned workers too
+    VariantReference,
     reference_linear_bn_running_stats,
     reference_msam_grad,
     reference_msam_grad_bn,
@@ -295,6 +296,70 @@ def _ddp_variant(rank: int, world: int, steps: int = 3, **ddp_kw: Any) -> dict:
     return {"param_diff": diffs}
 
 
+#: Rules that combine g_j and h_j (docs/variants.md): (rule, reference kind, hyperparameters).
+COMBINING = {
+    "gsam": (lambda: msam.core.GSAMRule(alpha=0.3), "gsam", {"alpha": 0.3}),
+    "wsam": (lambda: msam.core.WSAMRule(gamma=0.8), "wsam", {"gamma": 0.8}),
+    "wsam_coupled": (lambda: msam.core.WSAMRule(gamma=0.8, decoupled=False), "wsam",
+                     {"gamma": 0.8, "decoupled": False}),
+}
+
+
+def _combining(rank: int, world: int, steps: int = 3, k: int = 2) -> dict:
+    """GSAM / WSAM under DDP: local micro-batches (2 per rank), every rank combining its own,
+    against the papers' equations on the global batch with 2 x world micro-batches
+    (tests/reference.py). ``accumulate`` runs k calls per step."""
+    cls, kw = BASES["sgd"]
+    out: dict[str, Any] = {}
+    for name, (make, kind, hp) in COMBINING.items():
+        for accumulate in (False, True):
+            model = _mlp(5)
+            counter = [0]
+            ddp = _ddp(model, counter)
+            opt = DistributedMSAM(ddp, None, cls, rho=0.2, micro_batches=2, rule=make(), **kw)
+            ref = _mlp(5)
+            ref_opt = cls(ref.parameters(), **kw)
+            rule = VariantReference(kind, 0.2, **hp)
+            diffs, hooks, syncs = [], [], []
+            for s in range(steps):
+                before, before_s = counter[0], opt.comm_counts["grad_sync"]
+                batches = [_global_batch(10 * s + i) for i in range(k if accumulate else 1)]
+                grads: dict[str, torch.Tensor] = {}
+                dec: dict[str, torch.Tensor] = {}
+                for batch in batches:
+                    local = _shard(batch, rank, world)
+                    if accumulate:
+                        opt.accumulate(_loss_fn(ddp), local, scale=1 / k)
+                    g, _ = rule.grad_and_loss(ref, batch, 2 * world)
+                    d, rule.decoupled = rule.decoupled, None
+                    for n, v in g.items():
+                        grads[n] = grads.get(n, 0) + v / len(batches)
+                        if d is not None:
+                            dec[n] = dec.get(n, 0) + d[n] / len(batches)
+                if accumulate:
+                    opt.step()
+                else:
+                    opt.step(_loss_fn(ddp), _shard(batches[0], rank, world))
+                for n, p in ref.named_parameters():
+                    p.grad = grads[n]
+                ref_opt.step()
+                rule.decoupled = dec or None
+                rule.after_base_step(ref, kw["lr"])
+                diffs.append(_max_diff(model, ref))
+                hooks.append(counter[0] - before)
+                syncs.append(opt.comm_counts["grad_sync"] - before_s)
+            out[f"{name}{'_accumulate' if accumulate else ''}"] = {
+                "param_diff": diffs, "hook_calls_per_step": hooks, "grad_sync_per_step": syncs,
+                "params": [p.detach().clone() for p in model.parameters()]}
+    try:
+        DistributedMSAM(_ddp(_mlp(5)), None, torch.optim.SGD, rho=0.1, rule="gsam",
+                        mode="synchronized", lr=0.1)
+        out["synchronized_error"] = ""
+    except ValueError as err:
+        out["synchronized_error"] = str(err)
+    return out
+
+
 def scenario_equivalence(rank: int, world: int, out_dir: Path) -> dict:
     out: dict[str, Any] = {}
     for base in BASES:
@@ -303,6 +368,7 @@ def scenario_equivalence(rank: int, world: int, out_dir: Path) -> dict:
     out["accumulate"] = _accumulate(rank, world)
     out["find_unused"] = _ddp_variant(rank, world, find_unused_parameters=True)
     out["bucket_view"] = _ddp_variant(rank, world, gradient_as_bucket_view=True)
+    out["combining"] = _combining(rank, world)
     try:
         _ddp_variant(rank, world, static_graph=True)
         out["static_graph_error"] = ""
@@ -439,6 +505,12 @@ def _faults(rank: int, world: int, out_dir: Path) -> dict:
     case("raise_unsynced_accumulate", model, opt, flaky, (1, 2, "raise"),
          lambda: opt.accumulate(flaky, local, sync=False))
     case("nan_raise", model, opt, flaky, (1, 3, "nan"), lambda: opt.step(flaky, local))
+
+    # a rule that combines g_j and h_j (every pass local): the same agreement
+    model, ddp, opt, flaky = setup(10, rule="gsam", nonfinite="skip")
+    case("gsam_skip_final", model, opt, flaky, (1, 4, "nan"), lambda: opt.step(flaky, local))
+    model, ddp, opt, flaky = setup(11, rule="wsam")
+    case("wsam_raise_final", model, opt, flaky, (0, 4, "raise"), lambda: opt.step(flaky, local))
 
     model, ddp, opt, flaky = setup(9, mode="synchronized", micro_batches=1)
     case("sync_raise_ascent", model, opt, flaky, (1, 1, "raise"), lambda: opt.step(flaky, local))

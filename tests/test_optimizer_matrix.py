@@ -5,9 +5,9 @@ evaluator (``DistributedMSAM`` on a one-rank gloo group), ``step(closure)`` and 
 (both ``m = 1``). Each cell trains a few steps and compares the parameters with an independent
 reference: the reference mSAM gradient (``tests/reference.py``) handed to a fresh base optimizer.
 The SAM family (GSAM, WSAM, FriendlySAM, GCSAM; docs/variants.md) are variants like any other,
-checked against ``reference.VariantReference``; where a runner cannot take a rule's step (DDP
-and the two-step API with a rule that combines ``g_j`` and ``h_j``) the cell asserts the
-refusal instead.
+checked against ``reference.VariantReference``; where a runner cannot take a rule's step (the
+two-step API with a rule that combines ``g_j`` and ``h_j``) the cell asserts the refusal
+instead.
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ VARIANTS = [
             rule=("friendlysam", (("sigma", 0.8), ("lmbda", 0.9)))),
     Variant("gcsam_m4", {"rho": 0.1, "micro_batches": 4}, rule=("gcsam", ())),
 ]
-#: (runner, what the refusal says) for a rule that combines g_j and h_j (GSAM, WSAM).
-REFUSES_COMBINING = {"ddp": "combines", "two_step": "two-step"}
+#: (runner, what the refusal says) for a rule that combines g_j and h_j (GSAM, WSAM): the
+#: two-step API returns between the passes, so it never sees g_j and h_j together.
+REFUSES_COMBINING = {"two_step": "two-step"}
 BASES = {
     "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}),
     "sgd_nesterov": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True}),

@@ -10,6 +10,10 @@ slice has its mean removed::
     e_j = rho * GC(g_j) / (||GC(g_j)|| + 1e-12)          (SAM's step on the centralised gradient)
     grad = sum_j (n_j / n) grad L_j(w + e_j)             (the descent gradient is not centralised)
 
+The descent gradient stays as it is, as in the authors' code. Their code divides by the norm of
+the *uncentralised* gradient (``||e|| <= rho``); this rule divides by ``||GC(g_j)||`` so that
+``||e_j|| = rho``, SAM's radius (docs/variants.md).
+
 Hyperparameters: ``rho`` (per param group, as SAM). State: none. Extra memory: one centralised
 copy of each weight gradient per micro-batch (it becomes ``e_j``, so no more than SAM's ``e``).
 Passes per step: 2 per micro-batch (as SAM).

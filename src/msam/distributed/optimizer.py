@@ -211,6 +211,7 @@ class DDPStrategy(LoopStrategy):
     def __init__(self, opt: DistributedMSAM) -> None:
         self.opt = opt
         self.sync = True            # does this call's last perturbed backward all-reduce?
+        self.unsynced = False       # this call left p.grad local (a combining rule's path)
         self._settled = False       # this call's last agreement has happened
         self._ctx: StepContext | None = None
 
@@ -263,10 +264,14 @@ class DDPStrategy(LoopStrategy):
         return super().descent(dataclasses.replace(ctx, loss_fn=self._guard(ctx)), idx, offsets)
 
     def descent_each(self, ctx: StepContext, idx: list[int], offsets: Any) -> Any:
-        raise ValueError(
-            f"rule {self.opt.engine.rule.name!r} combines g_j and h_j per micro-batch; "
-            "DistributedMSAM all-reduces h_j in its backward and does not support it (use a "
-            "perturbation rule: sam, asam, friendlysam, gcsam)")
+        """A rule that combines ``g_j`` and ``h_j`` (GSAM, WSAM): every perturbed pass under
+        ``no_sync``, so ``p.grad`` holds this rank's combination; the optimizer averages it
+        over the ranks before the base step (one all-reduce per dtype, which also carries a
+        decoupled rule's ``d``)."""
+        assert self.opt.ddp is not None
+        self.unsynced = True
+        with self.opt.ddp.no_sync():
+            yield from super().descent_each(ctx, idx, offsets)
 
     def _guard(self, ctx: StepContext) -> Callable[[Any], torch.Tensor]:
         """``loss_fn`` of the synchronised pass: it must call the DDP model, and the ranks
@@ -366,11 +371,11 @@ class DistributedMSAM(MSAM):
             params, base_optimizer, rho, micro_batches=micro_batches,
             micro_batch_size=micro_batch_size, strategy="loop", model=module, **kwargs,
         )
-        if self.engine.rule.combines:
+        if self.engine.rule.combines and mode == "synchronized":
             raise ValueError(
-                f"rule: {self.engine.rule.name!r} combines g_j and h_j per micro-batch; "
-                "DistributedMSAM all-reduces h_j in its backward and does not support it (use "
-                "a perturbation rule: sam, asam, friendlysam, gcsam)")
+                f"rule: {self.engine.rule.name!r} combines g_j and h_j, which in "
+                "mode='synchronized' would need the ranks' mean h before combining (a second "
+                "all-reduce); use mode='local' (each rank combines its own micro-batches)")
         self.ddp = ddp
         self.module = module
         self.mode = mode
@@ -432,10 +437,12 @@ class DistributedMSAM(MSAM):
             return super().accumulate(loss_fn, batch, scale=scale, scaler=scaler)
         sync = bool(sync) and self.ddp.require_backward_grad_sync
         self._ddp_strategy.sync = sync
+        self._ddp_strategy.unsynced = False
         out = super().accumulate(loss_fn, batch, scale=scale, scaler=scaler)
         if not (self.last_result is not None and self.last_result.skipped):
-            # A synchronised call leaves every accumulated gradient averaged over the ranks.
-            self._needs_sync = not sync
+            # A synchronised call leaves every accumulated gradient averaged over the ranks; a
+            # combining rule's call leaves them all local.
+            self._needs_sync = not sync or self._ddp_strategy.unsynced
         return out
 
     def step(  # type: ignore[override]
@@ -451,8 +458,6 @@ class DistributedMSAM(MSAM):
             if closure is not None or (loss_fn is not None and batch is None):
                 raise ValueError("DistributedMSAM.step: needs loss_fn and batch (a closure "
                                  "cannot be scheduled around DDP's all-reduce)")
-            if loss_fn is None and batch is None and self._needs_sync:
-                self._sync_grads()
             if loss_fn is not None and not self.ddp.require_backward_grad_sync:
                 raise RuntimeError(
                     "step(loss_fn, batch) inside ddp.no_sync() would update the weights with an "
@@ -460,7 +465,17 @@ class DistributedMSAM(MSAM):
                     "accumulate(..., sync=False)) and finish with step()"
                 )
             self._ddp_strategy.sync = True
+            if loss_fn is not None:
+                self._ddp_strategy.unsynced = False
         return super().step(loss_fn, batch, closure=closure, scaler=scaler)
+
+    def _scheduled_base_step(self, scaler: Any) -> None:
+        # A gradient left local (unsynchronised accumulation, a combining rule) is averaged
+        # over the ranks once, right before the base step.
+        if self.ddp is not None and (self._needs_sync or self._ddp_strategy.unsynced):
+            self._sync_grads()
+            self._ddp_strategy.unsynced = False
+        super()._scheduled_base_step(scaler)
 
     def first_step(self, zero_grad: bool = False) -> None:
         if self.ddp is not None:
@@ -577,32 +592,42 @@ class DistributedMSAM(MSAM):
 
     @torch.no_grad()
     def _sync_grads(self) -> None:
-        """All-reduce (average) ``p.grad`` that DDP has not synchronised yet; one call per dtype."""
+        """All-reduce (average) ``p.grad`` that DDP has not synchronised yet, and a decoupled
+        rule's ``d`` with it (WSAM); one call per dtype."""
         params = self._params()
-        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float64,
+        decoupled = self._decoupled if self._decoupled is not None else []
+        # Slots: every p.grad, then every d; a missing one travels as zeros.
+        local = [p.grad for p in params] + list(decoupled)
+        shapes = params + params[:len(decoupled)]
+        present = torch.tensor([t is not None for t in local], dtype=torch.float64,
                                device=self._comm_device)
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        groups = _groups(grads)
-        flats = [torch.cat([grads[i].reshape(-1) for i in idx]) for idx in groups]
+        full = [torch.zeros_like(p) if t is None else t for t, p in zip(local, shapes)]
+        groups = _groups(full)
+        flats = [torch.cat([full[i].reshape(-1) for i in idx]) for idx in groups]
         # The presence mask rides along with the first group (one all-reduce per dtype/device).
         flats[0] = torch.cat([flats[0], present.to(flats[0])])
         for flat in flats:
             dist.all_reduce(flat, group=self.process_group)
             self.comm_counts["grad_sync"] += 1
             flat.div_(self.world_size)
-        present_any = flats[0][-len(params):] > 0
-        flats[0] = flats[0][:-len(params)]
+        present_any = flats[0][-len(local):] > 0
+        flats[0] = flats[0][:-len(local)]
+        synced: list[torch.Tensor | None] = [None] * len(local)
         for idx, flat in zip(groups, flats):
             offset = 0
             for i in idx:
-                n = grads[i].numel()
+                n = full[i].numel()
                 if bool(present_any[i]):
-                    g = flat[offset:offset + n].view_as(grads[i])
-                    if params[i].grad is None:
-                        params[i].grad = g.clone()
-                    else:
-                        params[i].grad.copy_(g)
+                    synced[i] = flat[offset:offset + n].view_as(full[i])
                 offset += n
+        for p, g in zip(params, synced):
+            if g is not None:
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+        if self._decoupled is not None:
+            self._decoupled = [None if d is None else d.clone() for d in synced[len(params):]]
         self._needs_sync = False
 
 
