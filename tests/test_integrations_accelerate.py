@@ -37,12 +37,13 @@ def _batches(n=4, bs=8):
             for _ in range(n)]
 
 
-def _loop(model, batches, accum, mixed="no", record=None, acc_state=None, save_at=None):
+def _loop(model, batches, accum, mixed="no", record=None, acc_state=None, save_at=None,
+          rule=None, lr_decay=0.9):
     acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=accum,
                                  mixed_precision=mixed)
     opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=0.1, micro_batches=2, model=model,
-                    lr=0.1, momentum=0.9)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9)
+                    lr=0.1, momentum=0.9, **({} if rule is None else {"rule": rule}))
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=lr_decay)
     model, opt, sched = acc.prepare(model, opt, sched)
     if acc_state is not None:
         acc.load_state(acc_state)
@@ -118,3 +119,33 @@ def test_accelerate_plain_backward_then_step_raises():
         opt.step()
     with pytest.raises(TypeError, match="optimizer"):
         backward(acc, torch.optim.SGD(model.parameters(), lr=0.1), lambda b: b, x)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize("rule", ["wsam", "gsam"])
+def test_accelerate_combining_rules_step_as_a_plain_loop(rule, accum):
+    """GSAM and decoupled WSAM (whose sharpness step follows the base step) through
+    accelerate's accumulate / step / zero_grad take the same steps as MSAM in a plain loop
+    with accumulate(scale=1/k) + step()."""
+    batches = _batches(n=4)
+    model, _ = _loop(_model(), batches, accum, rule=rule, lr_decay=1.0)
+    ref = _model()
+    opt = msam.MSAM(ref.parameters(), torch.optim.SGD, rho=0.1, micro_batches=2, model=ref,
+                    lr=0.1, momentum=0.9, rule=rule)
+
+    def loss_fn(b):
+        return nn.functional.cross_entropy(ref(b[0]), b[1])
+
+    for i, b in enumerate(batches):
+        opt.accumulate(loss_fn, b, scale=1 / accum)
+        if (i + 1) % accum == 0:
+            opt.step()
+    assert opt.steps == 4 // accum
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    # the decoupled step is really there: without it the weights differ
+    if rule == "wsam":
+        coupled, _ = _loop(_model(), batches, accum, lr_decay=1.0,
+                           rule=msam.core.WSAMRule(decoupled=False))
+        assert max(float((p - q).abs().max())
+                   for p, q in zip(model.parameters(), coupled.parameters())) > 1e-5

@@ -244,3 +244,27 @@ def test_msam_trainer_accepts_an_msam_optimizer_and_rejects_double_config(tmp_pa
                           optimizers=(opt, None))
     trainer.train()
     assert opt.steps == 1
+
+
+@pytest.mark.parametrize("rule", ["wsam", "gsam"])
+def test_hf_trainer_combining_rules_step_as_a_plain_loop(tmp_path, rule):
+    """GSAM and decoupled WSAM (the sharpness step after AdamW's) inside Trainer.train take
+    the steps MSAM takes in a plain loop on the same batches."""
+    torch.manual_seed(0)
+    model = BNNet()
+    start = copy.deepcopy(model.state_dict())
+    trainer = RecordingTrainer(
+        model=model, args=_args(tmp_path, max_steps=3, lr_scheduler_type="constant",
+                                optim="adamw_torch"),
+        train_dataset=_data(24), rho=0.1, micro_batches=4, msam_kwargs={"rule": rule},
+    )
+    trainer.train()
+    assert trainer.state.global_step == 3
+    ref = BNNet()
+    ref.load_state_dict(start)
+    opt = msam.MSAM(ref.parameters(), torch.optim.AdamW, rho=0.1, micro_batches=4, model=ref,
+                    rule=rule, lr=0.05, weight_decay=0.0)
+    for _, inputs in trainer.calls:
+        opt.step(lambda mb: ref(**mb)["loss"], inputs)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

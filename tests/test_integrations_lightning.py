@@ -247,3 +247,38 @@ def test_lightning_plain_module_with_msam_and_errors():
     with pytest.raises(TypeError, match="LightningOptimizer"):
         manual_step(Net(), lambda b: b, None,
                     optimizer=torch.optim.SGD(_net().parameters(), lr=LR))
+
+
+class CombiningNet(Net):
+    """Net with a rule that combines g_j and h_j (GSAM, decoupled WSAM)."""
+
+    def __init__(self, rule, manual=False):
+        super().__init__(manual=manual)
+        self.rule = rule
+
+    def configure_optimizers(self):
+        opt = msam.MSAM(self.parameters(), torch.optim.SGD, rho=RHO, micro_batches=M, model=self,
+                        rule=self.rule, lr=LR, momentum=0.9, weight_decay=1e-3)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+@pytest.mark.parametrize("rule", ["wsam", "gsam"])
+def test_lightning_combining_rules_step_as_a_plain_loop(rule, manual):
+    """GSAM and decoupled WSAM (the sharpness step after the base step) through Lightning's
+    optimizer step take the steps MSAM takes in a plain loop (with the same scheduler)."""
+    model = CombiningNet(rule, manual=manual)
+    start = copy.deepcopy(model.net.state_dict())
+    trainer = _trainer(max_steps=3)
+    trainer.fit(model, _loader())
+    ref = _net()
+    ref.load_state_dict(start)
+    opt = msam.MSAM(ref.parameters(), torch.optim.SGD, rho=RHO, micro_batches=M, model=ref,
+                    rule=rule, lr=LR, momentum=0.9, weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9)
+    for batch in list(_loader())[:3]:
+        opt.step(lambda b: _loss(ref, b), batch)
+        sched.step()
+    for p, q in zip(model.net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
