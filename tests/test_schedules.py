@@ -352,15 +352,17 @@ def test_functional_entry_point_follows_the_schedule(sched):
         "reuse_alpha")))
 
 
-def test_combining_rule_with_every_off_steps_are_plain():
-    """GSAM (a rule that combines g_j and h_j) composes: its steps are GSAM's, the others
-    one plain pass."""
+@pytest.mark.parametrize("rule", ["gsam", "wsam"])
+def test_combining_rule_with_every_off_steps_are_plain(rule):
+    """GSAM and decoupled WSAM (rules that combine g_j and h_j) compose: their steps are the
+    rule's (WSAM's sharpness step included), the others one plain pass and no decoupled
+    step."""
     model = _model()
     opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=RHO, micro_batches=2,
-                    rule="gsam", every=2, **SGD)
+                    rule=rule, every=2, **SGD)
     ref = _model()
     ref_opt = msam.MSAM(ref.parameters(), torch.optim.SGD, rho=RHO, micro_batches=2,
-                        rule="gsam", **SGD)
+                        rule=rule, **SGD)
     ref_sgd = ref_opt.base_optimizer
     for t in range(4):
         opt.step(lambda b: _loss_of(model, b), _data(t))
