@@ -616,12 +616,19 @@ def _selected_plot(root: Path, selected: list[dict[str, Any]],
     """Test accuracy and each sharpness metric of the selected cells: mean ± std and seeds."""
     names = ["test_acc", *[k.split(".", 1)[1] for k in sharp_keys
                            if not k.endswith(("_se", "_error"))]]
-    fig, axes = _figure(3.6 * len(names), 3.8, ncols=len(names))
+    many = len(selected) > 6  # one rotated line per cell instead of stacked lines
+    fig, axes = _figure(max(3.6, 0.42 * len(selected)) * len(names), 4.6 if many else 3.8,
+                        ncols=len(names))
     labels = []
     for sel in selected:
-        label = _group_label(sel["group"], base).replace(" (", "\n(")
+        label = _group_label(sel["group"], base)
         chosen = ", ".join(f"{_ABBREV.get(k, k)} {_fmt_value(v)}" for k, v in sel["chosen"].items())
-        labels.append(label + (f"\n{chosen}" if chosen else ""))
+        sep = ", " if many else "\n"
+        labels.append((label if many else label.replace(" (", "\n(")) +
+                      (f"{sep}{chosen}" if chosen else ""))
+    # One colour per method, so a method's cells (m = 1, 4, ...) read as a group.
+    methods = list(dict.fromkeys(dict(sel["group"]).get("optimizer") for sel in selected))
+    colors = [f"C{methods.index(dict(sel['group']).get('optimizer')) % 10}" for sel in selected]
     for ax, name in zip(axes, names):
         for i, sel in enumerate(selected):
             if name == "test_acc":
@@ -633,10 +640,14 @@ def _selected_plot(root: Path, selected: list[dict[str, Any]],
             if not vals:
                 continue
             mean, std = _mean_std(vals)
-            ax.bar(i, mean, yerr=std or 0.0, capsize=4, color=f"C{i}", alpha=0.55)
+            ax.bar(i, mean, yerr=std or 0.0, capsize=4, color=colors[i], alpha=0.55)
             ax.plot([i] * len(vals), vals, "k.", markersize=5)
         ax.set_xticks(range(len(selected)))
-        ax.set_xticklabels(labels, fontsize=7)
+        if many:
+            ax.set_xticklabels(labels, fontsize=7, rotation=60, ha="right",
+                               rotation_mode="anchor")
+        else:
+            ax.set_xticklabels(labels, fontsize=7)
         title = {"test_acc": "test accuracy (%)", "lambda_max": "Hessian lambda_max",
                  "trace": "Hessian trace"}.get(name, name)
         ax.set_title(title)
