@@ -93,6 +93,12 @@ def test_combining_rules_under_ddp_equal_the_papers_update(equivalence, case):
     assert "mode='local'" in r0["combining"]["synchronized_error"]
 
 
+@pytest.mark.parametrize("rule", ["gsam", "wsam"])
+def test_combining_rules_under_ddp_with_a_grad_scaler(equivalence, rule):
+    for r in equivalence:
+        assert r["combining"][f"{rule}_scaler_diff"] < 1e-12
+
+
 def test_plain_module_rejected_with_two_ranks(equivalence):
     for r in equivalence:
         assert "wrap it in DistributedDataParallel" in r["plain_module_error"]
@@ -105,9 +111,12 @@ def test_ddp_options_find_unused_bucket_view_work_static_graph_rejected(equivale
     assert "(static_graph=True) is not supported" in r0["static_graph_error"]
 
 
-def test_resume_is_bit_identical(ranks):
+@pytest.mark.parametrize("key", ["resume", "resume_gsam", "resume_wsam"])
+def test_resume_is_bit_identical(ranks, key):
+    """SAM-type mSAM, GSAM and decoupled WSAM under DDP (BatchNorm, dropout): a checkpoint at
+    step 3 continued to step 6 equals the uninterrupted run bit for bit."""
     for r in ranks:
-        res = r["resume"]
+        res = r[key]
         assert res["bitwise"], res
         assert res["n_tensors"] > 10
         assert res["steps"] == (6, 6)

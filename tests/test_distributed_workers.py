@@ -351,6 +351,20 @@ def _combining(rank: int, world: int, steps: int = 3, k: int = 2) -> dict:
             out[f"{name}{'_accumulate' if accumulate else ''}"] = {
                 "param_diff": diffs, "hook_calls_per_step": hooks, "grad_sync_per_step": syncs,
                 "params": [p.detach().clone() for p in model.parameters()]}
+    # AMP: a GradScaler (CPU) gives the unscaled steps (float64: to rounding), the rule's
+    # combination and WSAM's decoupled part both unscaled.
+    for name in ("gsam", "wsam"):
+        runs = []
+        for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)):
+            model = _mlp(5)
+            ddp = _ddp(model)
+            opt = DistributedMSAM(ddp, None, cls, rho=0.2, micro_batches=2, rule=name, **kw)
+            for s in range(steps):
+                opt.step(_loss_fn(ddp), _shard(_global_batch(s), rank, world), scaler=scaler)
+                if scaler is not None:
+                    scaler.update()
+            runs.append(model)
+        out[f"{name}_scaler_diff"] = _max_diff(*runs)
     try:
         DistributedMSAM(_ddp(_mlp(5)), None, torch.optim.SGD, rho=0.1, rule="gsam",
                         mode="synchronized", lr=0.1)
@@ -392,14 +406,17 @@ def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor
     return out
 
 
-def _resume(rank: int, world: int, out_dir: Path, steps: int = 6, at: int = 3) -> dict:
+def _resume(rank: int, world: int, out_dir: Path, steps: int = 6, at: int = 3,
+            rule: str | None = None) -> dict:
     cls, kw = BASES["sgd"]
     ckpt = out_dir / "resume.pt"
+    extra_kw = {} if rule is None else {"rule": rule}
 
     def make(seed: int):
         model = _mlp(seed, bn=True, dropout=0.2)
         ddp = _ddp(model)
-        return model, ddp, DistributedMSAM(ddp, None, cls, rho=0.1, micro_batches=2, **kw)
+        return model, ddp, DistributedMSAM(ddp, None, cls, rho=0.1, micro_batches=2, **kw,
+                                           **extra_kw)
 
     model, ddp, opt = make(4)
     torch.manual_seed(10 + rank)  # each rank its own dropout stream
@@ -523,6 +540,8 @@ def scenario_all(rank: int, world: int, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     out = scenario_equivalence(rank, world, out_dir)
     out["resume"] = _resume(rank, world, out_dir)
+    out["resume_gsam"] = _resume(rank, world, out_dir, rule="gsam")
+    out["resume_wsam"] = _resume(rank, world, out_dir, rule="wsam")
     out["faults"] = _faults(rank, world, out_dir)
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -226,7 +226,9 @@ class GradientEngine:
             j = idx[k]
             scale: Any = ctx.micro_batches[j][1] * ctx.grad_weight
             if ctx.loss_scale is not None:
-                scale = ctx.loss_scale * scale
+                # float64: the GradScaler scale is float32, and a float64 model must not get
+                # float32-rounded weights (n_j / n, alpha ...) in its combination
+                scale = ctx.loss_scale.double() * scale
             h = [c[i] for i in ctx.perturbed]
             if decoupled is not None:
                 pert, extra = rule.combine_decoupled(kept[k], h, scale, ctx.pert_params, groups)
