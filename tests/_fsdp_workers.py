@@ -143,13 +143,13 @@ def _equivalence(rank: int, world: int, base: str, m: int, rule: str = "sam",
                  clip: float | None = None, steps: int = 3) -> dict:
     from msam.distributed import ShardedMSAM
 
-    from reference import reference_msam_grad
+    from reference import VariantReference, reference_msam_grad
 
     cls, kw = BASES[base]
     rho = 0.1
     model = _sharded(0)
     opt = ShardedMSAM(model, cls, rho=rho, micro_batches=m, adaptive=(rule == "asam"),
-                      max_grad_norm=clip, **kw)
+                      max_grad_norm=clip, **({"rule": rule} if rule == "gcsam" else {}), **kw)
     ref = _net(0)
     ref_opt = cls(ref.parameters(), **kw)
     diffs, grad_diff, counts = [], None, []
@@ -162,8 +162,12 @@ def _equivalence(rank: int, world: int, base: str, m: int, rule: str = "sam",
 
         opt.step(loss_fn, _local(batch, rank, world))
         counts.append({k: opt.comm_counts[k] - before[k] for k in before})
-        grads, _ = reference_msam_grad(ref, _ce, _union_order(batch, world, m), m, rho,
-                                       adaptive=(rule == "asam"))
+        if rule == "gcsam":  # the paper's equations (tests/reference.py)
+            grads, _ = VariantReference("gcsam", rho).grad_and_loss(
+                ref, _union_order(batch, world, m), m)
+        else:
+            grads, _ = reference_msam_grad(ref, _ce, _union_order(batch, world, m), m, rho,
+                                           adaptive=(rule == "asam"))
         for n, p in ref.named_parameters():
             p.grad = grads[n].clone()
         if step == 0:
@@ -189,6 +193,7 @@ def scenario_equivalence(rank: int, world: int, out: Path) -> dict:
         "msam_sgd": _equivalence(rank, world, "sgd", 4),
         "msam_adamw": _equivalence(rank, world, "adamw", 4),
         "asam_adamw": _equivalence(rank, world, "adamw", 2, rule="asam"),
+        "gcsam_adamw": _equivalence(rank, world, "adamw", 2, rule="gcsam"),
         "clip_sgd": _equivalence(rank, world, "sgd", 2, clip=0.05),
     }
 

@@ -23,7 +23,8 @@ def ranks(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,m", [("sam_sgd", 1), ("sam_adamw", 1), ("msam_sgd", 4),
-                                    ("msam_adamw", 4), ("asam_adamw", 2), ("clip_sgd", 2)])
+                                    ("msam_adamw", 4), ("asam_adamw", 2), ("gcsam_adamw", 2),
+                                    ("clip_sgd", 2)])
 def test_sharded_equals_single_process_reference(ranks, name, m):
     for r in ranks:
         res = r["equivalence"][name]

@@ -57,8 +57,10 @@ from msam.strategies.base import check_loss, fresh_autocast, local
 __all__ = ["FSDPStrategy", "ShardedMSAM", "fsdp_modules"]
 
 _OK, _NONFINITE, _FAILED = 0, 1, 2
-#: Rules whose direction and norm terms are elementwise, hence correct shard by shard.
-_SHARDABLE_RULES = ("sam", "asam")
+#: Rules whose direction and norm terms are correct shard by shard: SAM and ASAM are
+#: elementwise; GCSAM's centralisation is a mean over each output row (every dimension but the
+#: first), and FSDP's Shard(0) keeps every row whole on one rank.
+_SHARDABLE_RULES = ("sam", "asam", "gcsam")
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -247,8 +249,8 @@ class ShardedMSAM(MSAM):
         micro_batches: ``m``, per rank and globally: micro-batch ``j`` is the union over ranks
             of each rank's ``j``-th local micro-batch. ``m = 1`` is SAM on the global batch.
         micro_batch_size: alternatively the largest local micro-batch size.
-        adaptive / eta / rule: ``"sam"`` or ``"asam"`` (elementwise on shards); other rules
-            are refused.
+        adaptive / eta / rule: ``"sam"``, ``"asam"`` (elementwise on shards) or ``"gcsam"``
+            (row-wise, and rows are never split by ``Shard(0)``); other rules are refused.
         max_grad_norm: clip the averaged gradient to this global norm over all shards (one
             scalar all-reduce) before the base step.
         check_errors: agree on an error flag after every forward (one all-reduce of
@@ -306,7 +308,8 @@ class ShardedMSAM(MSAM):
             raise ValueError(
                 f"rule: {rule.name!r} is not supported by ShardedMSAM; only the elementwise "
                 f"rules {_SHARDABLE_RULES} are correct shard by shard (the combining rules GSAM "
-                "/ WSAM and the stateful FriendlySAM / GCSAM are not)")
+                "/ WSAM need inner products over all shards, FriendlySAM a global norm of its "
+                "own direction; use DistributedMSAM for them)")
         self.module = model
         self.check_errors = check_errors
         self.process_group = meshes[0].get_group()
