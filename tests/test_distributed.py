@@ -128,7 +128,8 @@ def _faults(ranks, name):
 
 
 def test_nonfinite_skip_is_agreed_by_every_rank(ranks):
-    for name in ("skip_ascent", "skip_final", "gsam_skip_final"):
+    for name in ("skip_ascent", "skip_final", "gsam_skip_final", "gsam_skip_grad_inf",
+                 "wsam_skip_grad_inf"):
         for res in _faults(ranks, name):
             assert res["outcome"] == "ok"
             assert res["unchanged"] and res["recovery"] == "ok" and res["in_sync"], (name, res)

@@ -456,12 +456,28 @@ class _Flaky:
 
     def __call__(self, b: tuple) -> torch.Tensor:
         self.calls += 1
-        loss = nn.functional.cross_entropy(self.ddp(b[0]), b[1])
-        if self.plan is not None and self.plan[0] == self.rank and self.plan[1] == self.calls:
-            if self.plan[2] == "raise":
-                raise ValueError(f"boom on rank {self.rank}")
+        hit = self.plan is not None and self.plan[0] == self.rank and self.plan[1] == self.calls
+        out = self.ddp(b[0])
+        if hit and self.plan[2] == "grad_inf":  # a finite loss whose gradient is inf
+            out = _InfGrad.apply(out)
+        loss = nn.functional.cross_entropy(out, b[1])
+        if hit and self.plan[2] == "raise":
+            raise ValueError(f"boom on rank {self.rank}")
+        if hit and self.plan[2] == "nan":
             return loss * float("nan")
         return loss
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; an inf gradient backward (an overflow only the backward sees)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return g * float("inf")
 
 
 def _params_equal_across_ranks(model: nn.Module, world: int) -> bool:
@@ -528,6 +544,11 @@ def _faults(rank: int, world: int, out_dir: Path) -> dict:
     case("gsam_skip_final", model, opt, flaky, (1, 4, "nan"), lambda: opt.step(flaky, local))
     model, ddp, opt, flaky = setup(11, rule="wsam")
     case("wsam_raise_final", model, opt, flaky, (0, 4, "raise"), lambda: opt.step(flaky, local))
+    # an inf only in one rank's last perturbed gradient (every pass local): all ranks skip
+    for rule in ("gsam", "wsam"):
+        model, ddp, opt, flaky = setup(12, rule=rule, nonfinite="skip")
+        case(f"{rule}_skip_grad_inf", model, opt, flaky, (1, 4, "grad_inf"),
+             lambda opt=opt, flaky=flaky: opt.step(flaky, local))
 
     model, ddp, opt, flaky = setup(9, mode="synchronized", micro_batches=1)
     case("sync_raise_ascent", model, opt, flaky, (1, 1, "raise"), lambda: opt.step(flaky, local))

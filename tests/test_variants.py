@@ -323,3 +323,66 @@ def test_combining_rules_with_a_grad_scaler_keep_float64_weights(kind):
     diff = max(float((p - q).abs().max()) for p, q in zip(plain.parameters(),
                                                           scaled.parameters()))
     assert diff < 1e-14
+
+
+class _InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["raise", "grad_scaler"])
+def test_wsam_decoupled_inf_in_a_perturbed_gradient_is_caught(scaler):
+    """h_j reaches the weights only through d in the decoupled form: an inf there (finite
+    loss, e.g. an fp16 overflow in the backward) raises, or with a GradScaler skips the step,
+    and the weights stay as they were (before, they became non-finite)."""
+    model = _model()
+    opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=0.2, micro_batches=2, rule="wsam",
+                    lr=0.1, momentum=0.9)
+    calls = []
+
+    def loss_fn(b):
+        calls.append(1)
+        out = model(b[0])
+        if len(calls) == 4:  # the second micro-batch's perturbed pass
+            out = _InfGrad.apply(out)
+        return torch.nn.functional.cross_entropy(out, b[1])
+
+    w = [p.detach().clone() for p in model.parameters()]
+    if scaler:
+        opt.step(loss_fn, _data(0), scaler=torch.amp.GradScaler("cpu"))
+        assert opt.skipped_steps == 1
+    else:
+        with pytest.raises(msam.NonFiniteLossError):
+            opt.step(loss_fn, _data(0))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+
+
+def test_wsam_decoupled_refuses_a_group_without_a_numeric_lr_before_moving_anything():
+    """Checked before the base step (before, the base step ran and then the decoupled step
+    raised a TypeError, leaving the weights moved)."""
+
+    class NoLR(torch.optim.SGD):
+        def __init__(self, params):
+            super().__init__(params, lr=0.1)
+            for g in self.param_groups:
+                g["lr"] = None
+
+        def step(self, closure=None):
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.data.add_(p.grad, alpha=-0.1)
+
+    model = _model()
+    opt = msam.MSAM(model.parameters(), NoLR, rho=0.2, rule="wsam")
+    w = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]"):
+        opt.step(lambda b: _loss(model, b), _data(0))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w)) and opt.steps == 0
+    coupled = msam.MSAM(model.parameters(), NoLR, rho=0.2,
+                        rule=msam.core.WSAMRule(decoupled=False))
+    coupled.step(lambda b: _loss(model, b), _data(0))   # the coupled form needs no lr

@@ -78,6 +78,7 @@ def test_gsam_rho_schedule_is_tied_to_the_lr():
 @pytest.mark.parametrize("keys, needle", [
     ({"optimizer": "wsam", "wsam_gamma": 1.0}, "wsam_gamma"),
     ({"optimizer": "wsam", "wsam_decoupled": "sometimes"}, "wsam_decoupled"),
+    ({"optimizer": "wsam", "every": 2, "reuse": "looksam"}, "reuse"),   # decoupled: refused
     ({"optimizer": "friendlysam", "friendly_sigma": 1.5}, "friendly_sigma"),
     ({"optimizer": "friendlysam", "friendly_lambda": -0.1}, "friendly_lambda"),
     ({"optimizer": "gsam", "gsam_alpha": -1}, "gsam_alpha"),

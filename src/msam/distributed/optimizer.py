@@ -202,6 +202,10 @@ class DDPStrategy(LoopStrategy):
       replaced by its mean over the ranks (after an error agreement);
     * descent: under ``no_sync`` except the call's last micro-batch when the call synchronises,
       whose backward lets DDP all-reduce; the agreement runs between its forward and backward;
+    * descent_each (rules that combine ``g_j`` and ``h_j``: GSAM, WSAM): every pass under
+      ``no_sync`` and no agreement inside, so each rank checks its own combination first; the
+      optimizer averages ``p.grad`` (and a decoupled rule's ``d``) with one all-reduce before
+      the base step;
     * session: a call without a synchronised pass agrees at its end; a failure before the
       agreement is reported to the others there.
     """
@@ -212,6 +216,7 @@ class DDPStrategy(LoopStrategy):
         self.opt = opt
         self.sync = True            # does this call's last perturbed backward all-reduce?
         self.unsynced = False       # this call left p.grad local (a combining rule's path)
+        self._combining = False     # inside descent_each: every pass local, no agreement
         self._settled = False       # this call's last agreement has happened
         self._ctx: StepContext | None = None
 
@@ -258,7 +263,7 @@ class DDPStrategy(LoopStrategy):
         ddp = self.opt.ddp
         assert ddp is not None
         last = idx[-1] == len(ctx.micro_batches) - 1
-        if not (last and self.sync):
+        if self._combining or not (last and self.sync):
             with ddp.no_sync():
                 return super().descent(ctx, idx, offsets)
         return super().descent(dataclasses.replace(ctx, loss_fn=self._guard(ctx)), idx, offsets)
@@ -270,8 +275,15 @@ class DDPStrategy(LoopStrategy):
         decoupled rule's ``d``)."""
         assert self.opt.ddp is not None
         self.unsynced = True
-        with self.opt.ddp.no_sync():
-            yield from super().descent_each(ctx, idx, offsets)
+        # No pass synchronises, so none agrees either: the ranks agree at the end of the call
+        # (the session), after every rank has checked its combined gradient for non-finite
+        # values, and only then may anyone enter the all-reduce.
+        self._combining = True
+        try:
+            with self.opt.ddp.no_sync():
+                yield from super().descent_each(ctx, idx, offsets)
+        finally:
+            self._combining = False
 
     def _guard(self, ctx: StepContext) -> Callable[[Any], torch.Tensor]:
         """``loss_fn`` of the synchronised pass: it must call the DDP model, and the ranks
@@ -431,7 +443,8 @@ class DistributedMSAM(MSAM):
         ``sync=False`` keeps the call free of gradient communication: pass ``sync=(i == k - 1)``
         over ``k`` accumulation calls (or wrap the first ``k - 1`` calls in ``ddp.no_sync()``)
         and only the last micro-batch of the last call all-reduces. If ``step()`` finds a
-        gradient that was never synchronised it all-reduces it once itself.
+        gradient that was never synchronised it all-reduces it once itself -- always the case
+        with a rule that combines ``g_j`` and ``h_j`` (GSAM, WSAM), whatever ``sync`` says.
         """
         if self.ddp is None:
             return super().accumulate(loss_fn, batch, scale=scale, scaler=scaler)

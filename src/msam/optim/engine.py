@@ -208,6 +208,8 @@ class GradientEngine:
             for j, loss in zip(idx, losses):
                 total = total + loss.to(total) * ctx.micro_batches[j][1]
         flags.check_grads([None if p.grad is None else local(p.grad) for p in ctx.params])
+        if decoupled is not None:  # h_j reaches the weights through d too (decoupled WSAM)
+            flags.check_grads(decoupled)
         return total
 
     def _combined_descent(self, strategy: Strategy, ctx: StepContext, idx: list[int],

@@ -400,7 +400,21 @@ class MSAM(Optimizer):
         self._check_no_two_step("base_step")
         self._base_step(scaler)
 
+    def _check_decoupled_lr(self) -> None:
+        """Before the base step: the decoupled step needs each group's lr as a number."""
+        if self._decoupled is None:
+            return
+        for i, g in enumerate(self.param_groups):
+            lr = g.get("lr")
+            if isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
+                raise ValueError(
+                    f"param_groups[{i}]['lr']: rule {self.engine.rule.name!r} (decoupled) "
+                    f"applies w -= lr * d after the base step and needs a number, got {lr!r} "
+                    "(an optimizer that sets no lr, e.g. Adafactor with relative_step=True, "
+                    "needs the coupled form)")
+
     def _base_step(self, scaler: Any) -> None:
+        self._check_decoupled_lr()
         params = self._params()
         if scaler is not None and scaler.is_enabled():
             if self.max_grad_norm is not None:

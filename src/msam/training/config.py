@@ -550,6 +550,9 @@ def validate(cfg: TrainConfig, where: Any = "config") -> None:
            f"must be in [0, epochs={cfg.epochs}), got {cfg.start_epoch}")
     _check(cfg.reuse == "none" or cfg.every >= 2, where, "reuse",
            f"is {cfg.reuse!r} but every is {cfg.every}; reuse needs every >= 2")
+    _check(cfg.reuse == "none" or not (cfg.optimizer == "wsam" and cfg.wsam_decoupled), where,
+           "reuse", f"is {cfg.reuse!r} with optimizer wsam (decoupled), whose sharpness step is "
+           "not in the gradient that reuse rebuilds; set reuse: none or wsam_decoupled: false")
     dev = cfg.device.lower()
     _check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
            where, "device", f"is {cfg.device!r}; use auto, cpu, cuda or cuda:N")
