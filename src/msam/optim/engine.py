@@ -230,7 +230,8 @@ class GradientEngine:
             if ctx.loss_scale is not None:
                 # float64: the GradScaler scale is float32, and a float64 model must not get
                 # float32-rounded weights (n_j / n, alpha ...) in its combination
-                scale = ctx.loss_scale.double() * scale
+                ls = ctx.loss_scale
+                scale = (ls if ls.device.type == "mps" else ls.double()) * scale  # no MPS fp64
             h = [c[i] for i in ctx.perturbed]
             if decoupled is not None:
                 pert, extra = rule.combine_decoupled(kept[k], h, scale, ctx.pert_params, groups)

@@ -437,8 +437,8 @@ class MSAM(Optimizer):
         if self._decoupled is None:
             self._decoupled = decoupled
             return
-        with torch.no_grad():
-            self._decoupled = [a if d is None else d if a is None else a.add_(d)
+        with torch.no_grad():  # out of place: each call's GradientResult keeps its own part
+            self._decoupled = [a if d is None else d if a is None else a + d
                                for a, d in zip(self._decoupled, decoupled)]
 
     @torch.no_grad()
