@@ -91,6 +91,17 @@ class FriendlySAMRule(PerturbationRule):
                 m.mul_(self.lmbda).add_(gt, alpha=1.0 - self.lmbda)
         self._batch_grad = {}
 
+    @torch.no_grad()
+    def update(self, clean) -> None:
+        """``m_t = lambda m_{t-1} + (1 - lambda) g_t`` with the step's clean gradient ``g_t``
+        (the engine's weighted sum of the ``g_j``; it may be ``g`` itself, so out of place)."""
+        for i, gt in enumerate(clean):
+            if gt is None:
+                continue
+            m = self._ema(i, gt)
+            self.m[i] = gt.mul(1.0 - self.lmbda) if m is None else \
+                m.mul_(self.lmbda).add_(gt, alpha=1.0 - self.lmbda)
+
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "sigma": self.sigma, "lmbda": self.lmbda,
                 "m": {i: t.clone() for i, t in self.m.items()}}

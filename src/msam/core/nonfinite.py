@@ -41,6 +41,12 @@ class NonFiniteFlags:
         self._what.append((phase, micro_batch, what))
         self._exact.append(None)
 
+    def check_all(self, values: Sequence[torch.Tensor], phase: str, micro_batches: Sequence[int],
+                  what: str) -> None:
+        """:meth:`check` for each of ``values`` (one per micro-batch of ``micro_batches``)."""
+        for value, j in zip(values, micro_batches):
+            self.check(value, phase, j, what)
+
     def check_grads(self, grads: Sequence[torch.Tensor | None], phase: str = "perturbed") -> None:
         """Record whether every gradient is finite, from one sum per tensor.
 

@@ -41,8 +41,7 @@ from typing import Any
 import torch
 
 __all__ = [
-    "EPS", "RULES", "ASAMRule", "FriendlySAMRule", "GCSAMRule", "GSAMRule", "PerturbationRule",
-    "SAMRule", "WSAMRule", "make_rule", "perturbation", "perturbation_norm",
+    "EPS", "ASAMRule", "PerturbationRule", "SAMRule", "perturbation", "perturbation_norm",
 ]
 
 #: Added to the norm so that a zero gradient gives a zero perturbation instead of NaN.
@@ -183,6 +182,9 @@ class PerturbationRule:
     #: :meth:`observe` with each ``g_j`` (before the rule) and :meth:`end_step` once the step is
     #: committed; :meth:`begin_step` starts each gradient computation.
     observes = False
+    #: ``direction`` and ``norm_terms`` act element by element (or within a row), so the rule
+    #: is correct on shards of the parameters (FSDP); see :mod:`msam.core.registry`.
+    elementwise = False
 
     def direction(self, g: torch.Tensor, w: torch.Tensor, group: Mapping[str, Any]
                   ) -> torch.Tensor:
@@ -257,6 +259,14 @@ class PerturbationRule:
         """(``observes`` rules) The step was committed: update the state from what was
         observed."""
 
+    def update(self, clean: Tensors) -> None:
+        """(``observes`` rules) The step was committed; ``clean[i] = sum_j (n_j / n) g_j`` for
+        perturbed parameter ``i`` (summed over ``accumulate`` calls with their ``scale``). By
+        default :meth:`begin_step`, :meth:`observe` and :meth:`end_step` in turn."""
+        self.begin_step()
+        self.observe(clean, 1.0)
+        self.end_step()
+
     def active(self, groups: Sequence[Mapping[str, Any]]) -> bool:
         """False when the rule moves nothing this step (every ``rho`` is 0)."""
         return any(float(g["rho"]) != 0.0 for g in groups)
@@ -276,6 +286,7 @@ class SAMRule(PerturbationRule):
     """SAM: ``e = rho * g / (||g|| + 1e-12)`` (Foret et al., ICLR 2021)."""
 
     name = "sam"
+    elementwise = True
 
     def direction(self, g, w, group):
         return g
@@ -291,6 +302,7 @@ class ASAMRule(PerturbationRule):
     """
 
     name = "asam"
+    elementwise = True
 
     def direction(self, g, w, group):
         t = w.abs() + float(group["eta"])
@@ -298,32 +310,6 @@ class ASAMRule(PerturbationRule):
 
     def norm_terms(self, g, w, group):
         return (w.abs() + float(group["eta"])) * g
-
-
-# The SAM family, one file each (docs/variants.md); imported here to be registered.
-from msam.core.friendlysam import FriendlySAMRule  # noqa: E402
-from msam.core.gcsam import GCSAMRule  # noqa: E402
-from msam.core.gsam import GSAMRule  # noqa: E402
-from msam.core.wsam import WSAMRule  # noqa: E402
-
-RULES: dict[str, type[PerturbationRule]] = {
-    "sam": SAMRule, "asam": ASAMRule,
-    "gsam": GSAMRule,
-    "friendlysam": FriendlySAMRule,
-    "wsam": WSAMRule,
-    "gcsam": GCSAMRule,
-}
-
-
-def make_rule(rule: str | PerturbationRule) -> PerturbationRule:
-    """A rule instance (default hyperparameters) from its name (see ``RULES``) or an
-    instance."""
-    if isinstance(rule, PerturbationRule):
-        return rule
-    try:
-        return RULES[rule]()
-    except (KeyError, TypeError):
-        raise ValueError(f"rule must be one of {sorted(RULES)}, got {rule!r}") from None
 
 
 def perturbation_norm(grads: Tensors, params: Sequence[torch.Tensor], adaptive: bool = False,

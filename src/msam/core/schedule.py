@@ -43,7 +43,7 @@ statistics are updated once, from that pass, exactly as an ordinary training ste
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -94,23 +94,6 @@ def validate_schedule_state(state: Any, where: str) -> dict[str, Any]:
             "direction": None if direction is None else list(direction)}
 
 
-class _Pending:
-    """What :meth:`Schedule.finish` did to ``.grad`` before the base step: ``undo`` puts the
-    gradients back (the base step failed), ``commit`` keeps the new reuse direction."""
-
-    def __init__(self, undo: Callable[[], None] | None = None,
-                 commit: Callable[[], None] | None = None) -> None:
-        self._undo, self._commit = undo, commit
-
-    def undo(self) -> None:
-        if self._undo is not None:
-            self._undo()
-
-    def commit(self) -> None:
-        if self._commit is not None:
-            self._commit()
-
-
 class Schedule:
     """Which steps perturb (``every``, ``start_step``) and the reuse variant (``reuse``,
     ``reuse_alpha``); see the module docstring. Holds the reuse direction ``g_v``."""
@@ -122,8 +105,6 @@ class Schedule:
         #: ``g_v`` per parameter (None before the first perturbation step, or without reuse).
         self.direction: list[torch.Tensor | None] | None = None
         self._direction_norm: torch.Tensor | None = None   # ||g_v||, computed once
-        self._clean: list[torch.Tensor | None] | None = None   # sum of g over this step's calls
-        self._call: list[torch.Tensor | None] | None = None    # this call's g
 
     @property
     def trivial(self) -> bool:
@@ -139,56 +120,17 @@ class Schedule:
                 f"reuse={self.reuse!r}, reuse_alpha={self.reuse_alpha})")
 
     # -- reuse -------------------------------------------------------------------------------
-    def observer(self, weight: float) -> Callable[[Sequence[Any], float], None] | None:
-        """For a perturbation step with reuse: a callback the engine gives each micro-batch's
-        ascent gradient ``g_j`` (before the rule may overwrite it) and ``n_j / n``; it sums
-        ``weight * (n_j/n) * g_j`` into this call's clean gradient. None without reuse."""
-        if self.reuse is None:
-            return None
-        self._call = None
-
-        @torch.no_grad()
-        def observe(grads: Sequence[Any], w_j: float) -> None:
-            if self._call is None:
-                self._call = [None] * len(grads)
-            call, c = self._call, weight * w_j
-            for i, g in enumerate(grads):
-                if g is None:
-                    continue
-                acc = call[i]
-                call[i] = g * c if acc is None else acc.add_(g, alpha=c)
-
-        return observe
-
-    def keep_call(self, fresh: bool) -> None:
-        """The gradient computation succeeded: add its clean gradient to the step's."""
-        call, self._call = self._call, None
-        if call is None:
-            return
-        if fresh or self._clean is None:
-            self._clean = call
-            return
-        with torch.no_grad():
-            clean = self._clean
-            for i, g in enumerate(call):
-                if g is not None:
-                    acc = clean[i]
-                    clean[i] = g if acc is None else acc.add_(g)
-
-    def drop_call(self) -> None:
-        self._call = None
-
     @torch.no_grad()
-    def finish(self, params: Sequence[torch.Tensor], perturbed: bool) -> _Pending:
-        """Before the base step, with the step's gradient in ``p.grad``: on a perturbation
-        step compute ``g_v`` (kept by ``commit``); on an off-step replace ``p.grad`` by
-        ``g + alpha ||g|| / ||g_v|| g_v``. Without reuse: nothing."""
-        if self.reuse is None:
-            return _Pending()
-        clean, self._clean = self._clean, None
+    def prepare(self, params: Sequence[torch.Tensor], clean: Sequence[Any] | None,
+                perturbed: bool) -> tuple[Any, list[torch.Tensor | None] | None]:
+        """Before the base step, with the step's gradient in ``p.grad`` and its clean gradient
+        ``clean = sum_j (n_j / n) g_j``: on a perturbation step return the new direction
+        ``g_v`` (the step keeps it until it commits; ``None`` when nothing was perturbed); on
+        an off-step replace ``p.grad`` by ``g + alpha ||g|| / ||g_v|| g_v`` and return the
+        replaced gradients (for a rollback). ``(direction, replaced)``."""
         if perturbed:
             if clean is None:  # rho = 0: nothing was perturbed, so nothing to reuse
-                return _Pending(commit=lambda: self._set_direction(None, params))
+                return None, None
             gs = [p.grad for p in params]
             dot = _dot(gs, clean, params)
             gg = _dot(clean, clean, params)
@@ -197,9 +139,9 @@ class Schedule:
             for p, s, c in zip(params, gs, clean):
                 s = torch.zeros_like(p) if s is None else s
                 new.append(s.clone() if c is None else s - coef.to(s.dtype) * c)
-            return _Pending(commit=lambda: self._set_direction(new, params))
+            return new, None
         if self.direction is None:
-            return _Pending()
+            return None, None
         saved = [p.grad for p in params]
         g = [torch.zeros_like(p) if s is None else s for p, s in zip(params, saved)]
         gnorm = _dot(g, g, params).sqrt()
@@ -209,15 +151,10 @@ class Schedule:
         c = self.reuse_alpha * gnorm / (vnorm + _EPS)
         for p, gi, v in zip(params, g, self.direction):
             p.grad = gi if v is None else gi + c.to(gi.dtype) * v
+        return None, saved
 
-        def undo() -> None:
-            for p, s in zip(params, saved):
-                p.grad = s
-
-        return _Pending(undo=undo)
-
-    def _set_direction(self, direction: list[torch.Tensor | None] | None,
-                       params: Sequence[torch.Tensor]) -> None:
+    def set_direction(self, direction: list[torch.Tensor | None] | None,
+                      params: Sequence[torch.Tensor]) -> None:
         self.direction = direction
         self._direction_norm = None if direction is None else _dot(direction, direction,
                                                                    params).sqrt()
@@ -250,7 +187,6 @@ class Schedule:
         self.reuse, self.reuse_alpha = s["reuse"], s["reuse_alpha"]
         self.direction = direction
         self._direction_norm = None
-        self._clean = self._call = None
 
 
 def _dot(a: Sequence[Any], b: Sequence[Any], params: Sequence[torch.Tensor]) -> torch.Tensor:

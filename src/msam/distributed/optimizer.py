@@ -48,6 +48,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
 from msam.core.nonfinite import NonFiniteFlags, NonFiniteLossError
+from msam.core.registry import check_support
+from msam.optim.distribution import Distribution
 from msam.optim.msam import MSAM, _flatten_params
 from msam.strategies import LoopStrategy, StepContext, Strategy
 from msam.strategies.base import check_loss
@@ -212,7 +214,7 @@ class DDPStrategy(LoopStrategy):
 
     name = "ddp"
 
-    def __init__(self, opt: DistributedMSAM) -> None:
+    def __init__(self, opt: DDPDistribution) -> None:
         self.opt = opt
         self.sync = True            # does this call's last perturbed backward all-reduce?
         self.unsynced = False       # this call left p.grad local (a combining rule's path)
@@ -306,92 +308,16 @@ class DDPStrategy(LoopStrategy):
         return guarded
 
 
-class DistributedMSAM(MSAM):
-    """mSAM (or SAM) for a model wrapped in ``DistributedDataParallel``.
+class DDPDistribution(Distribution):
+    """DDP's part of a step (:mod:`msam.optim.distribution`): the :class:`DDPStrategy`
+    evaluator, the error agreement, the all-reduce of a gradient left local, and the checks
+    that every rank runs the same settings."""
 
-    Args:
-        model: the ``DistributedDataParallel`` module that ``loss_fn`` calls. Without a process
-            group (or with a world size of 1) a plain module is accepted and the optimizer is
-            plain :class:`msam.MSAM`. FSDP, ``DataParallel`` and nested wrappers are rejected
-            with :class:`UnsupportedWrapperError`.
-        params: parameters or param groups, all of them parameters of ``model``; ``None`` means
-            every parameter of ``model`` (or the groups of an already-built ``base_optimizer``).
-        base_optimizer: optimizer class (built with ``**base_kwargs``) or instance.
-        rho: neighbourhood radius.
-        mode: ``"local"`` (default): each rank perturbs with its own micro-batches, one gradient
-            all-reduce per step. ``"synchronized"``: the ascent gradient is all-reduced too
-            (global perturbation; SAM on the global batch); needs local ``m = 1``.
-        micro_batches: number ``m`` of micro-batches **per rank** per batch. A step averages
-            ``world_size * m`` perturbations (:attr:`global_micro_batches`).
-        micro_batch_size: alternatively the largest micro-batch size, per rank.
-        check_errors: agree on an error flag before each collective (default ``True``; costs
-            one tiny all-reduce per call, plus one before the ascent all-reduce in synchronized
-            mode). With ``False`` a rank that fails leaves the others waiting in DDP's
-            all-reduce until the process group's timeout.
-        **kwargs: everything else :class:`msam.MSAM` takes (``adaptive``, ``eta``, ``rule``,
-            ``perturb``, ``max_grad_norm``, ``nonfinite``) and the base optimizer's keyword
-            arguments. The evaluator is :class:`DDPStrategy` (``vmap`` would bypass DDP).
-    """
+    name = "ddp"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        params: Iterable[Any] | None,
-        base_optimizer: type[Optimizer] | Optimizer | Callable[..., Optimizer],
-        rho: float = 0.05,
-        *,
-        mode: str = "local",
-        micro_batches: int | None = None,
-        micro_batch_size: int | None = None,
-        check_errors: bool = True,
-        strategy: str | Strategy = "loop",
-        **kwargs: Any,
-    ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(check_errors, bool):
-            raise ValueError(f"check_errors must be True or False, got {check_errors!r}")
-        if not (strategy == "loop" or isinstance(strategy, LoopStrategy)):
-            raise ValueError(
-                f"strategy: DistributedMSAM supports 'loop' only, got {strategy!r} ('vmap' calls "
-                "the module functionally and would bypass DDP's gradient synchronisation)"
-            )
-        if "model" in kwargs:
-            raise ValueError("model: pass the DDP model as the first argument instead")
-        if mode == "synchronized" and (
-            micro_batch_size is not None or (micro_batches is not None and micro_batches != 1)
-        ):
-            raise ValueError(
-                "mode='synchronized' uses one perturbation per step for the whole global batch: "
-                f"local micro_batches must be 1 (got micro_batches={micro_batches!r}, "
-                f"micro_batch_size={micro_batch_size!r}); use mode='local' for mSAM"
-            )
-        ddp, module = _resolve(model)
-        _check_batchnorm(ddp, module)
-        if params is None and not isinstance(base_optimizer, Optimizer):
-            params = module.parameters()
-        if params is not None:
-            params = list(params) if not isinstance(params, torch.Tensor) else [params]
-            owned = {id(p) for p in module.parameters()}
-            foreign = [p for p in _flatten_params(params) if id(p) not in owned]
-            if foreign:
-                raise ValueError(
-                    f"params: {len(foreign)} parameter(s) do not belong to the model; DDP only "
-                    "synchronises the gradients of its module's parameters"
-                )
-        super().__init__(
-            params, base_optimizer, rho, micro_batches=micro_batches,
-            micro_batch_size=micro_batch_size, strategy="loop", model=module, **kwargs,
-        )
-        if self.engine.rule.combines and mode == "synchronized":
-            raise ValueError(
-                f"rule: {self.engine.rule.name!r} combines g_j and h_j, which in "
-                "mode='synchronized' would need the ranks' mean h before combining (a second "
-                "all-reduce); use mode='local' (each rank combines its own micro-batches)")
-        self.ddp = ddp
-        self.module = module
-        self.mode = mode
-        self.check_errors = check_errors
+    def __init__(self, ddp: nn.parallel.DistributedDataParallel | None, module: nn.Module,
+                 mode: str, check_errors: bool) -> None:
+        self.ddp, self.module, self.mode, self.check_errors = ddp, module, mode, check_errors
         if ddp is not None:
             self.process_group = ddp.process_group
             self.world_size = dist.get_world_size(self.process_group)
@@ -405,127 +331,57 @@ class DistributedMSAM(MSAM):
             self.process_group = None
             self.world_size, self.rank = 1, 0
             self._comm_device = torch.device("cpu")
-        self._check_schedule()
         self._needs_sync = False
         #: Collective calls made by this optimizer itself (DDP's bucket all-reduces not counted).
         self.comm_counts = {"ascent_allreduce": 0, "error_check": 0, "grad_sync": 0}
         self._ddp_forwards = 0
+        self.strategy = DDPStrategy(self)
         if ddp is not None:
             ddp.register_forward_pre_hook(self._count_forward)
-            self._ddp_strategy = DDPStrategy(self)
-            self.engine.strategy = self._ddp_strategy
 
-    # -- public ------------------------------------------------------------------------------
-    @property
-    def global_micro_batches(self) -> int | None:
-        """Perturbations averaged per step over all ranks (``world_size * m``; 1 if synchronized).
+    def evaluator(self, strategy: Any) -> Any:
+        return strategy if self.ddp is None else self.strategy
 
-        ``None`` when ``micro_batch_size`` sets ``m`` from the batch size.
-        """
-        if self.mode == "synchronized":
-            return 1
-        m = self.engine.micro_batches
-        if m is None:
-            return self.world_size if self.engine.micro_batch_size is None else None
-        return self.world_size * m
+    def state_name(self, strategy: Any) -> dict[str, Any]:
+        return {"name": "loop"}  # the DDP evaluator is rebuilt, not loaded
 
-    def accumulate(
-        self,
-        loss_fn: Callable[..., torch.Tensor],
-        batch: Any = None,
-        *,
-        scale: float = 1.0,
-        scaler: Any = None,
-        sync: bool = True,
-    ) -> torch.Tensor:
-        """Add ``scale`` times this batch's mSAM gradient to ``p.grad`` (as MSAM.accumulate).
-
-        ``sync=False`` keeps the call free of gradient communication: pass ``sync=(i == k - 1)``
-        over ``k`` accumulation calls (or wrap the first ``k - 1`` calls in ``ddp.no_sync()``)
-        and only the last micro-batch of the last call all-reduces. If ``step()`` finds a
-        gradient that was never synchronised it all-reduces it once itself -- always the case
-        with a rule that combines ``g_j`` and ``h_j`` (GSAM, WSAM), whatever ``sync`` says.
-        """
-        if self.ddp is None:
-            return super().accumulate(loss_fn, batch, scale=scale, scaler=scaler)
-        sync = bool(sync) and self.ddp.require_backward_grad_sync
-        self._ddp_strategy.sync = sync
-        self._ddp_strategy.unsynced = False
-        out = super().accumulate(loss_fn, batch, scale=scale, scaler=scaler)
-        if not (self.last_result is not None and self.last_result.skipped):
-            # A synchronised call leaves every accumulated gradient averaged over the ranks; a
-            # combining rule's call leaves them all local.
-            self._needs_sync = not sync or self._ddp_strategy.unsynced
-        return out
-
-    def step(  # type: ignore[override]
-        self,
-        loss_fn: Callable[..., torch.Tensor] | None = None,
-        batch: Any = None,
-        *,
-        closure: Callable[[], torch.Tensor] | None = None,
-        scaler: Any = None,
-    ) -> torch.Tensor | None:
-        """One mSAM step on this rank's ``batch`` (as :meth:`MSAM.step`); returns its local loss."""
-        if self.ddp is not None:
-            if closure is not None or (loss_fn is not None and batch is None):
-                raise ValueError("DistributedMSAM.step: needs loss_fn and batch (a closure "
-                                 "cannot be scheduled around DDP's all-reduce)")
-            if loss_fn is not None and not self.ddp.require_backward_grad_sync:
-                raise RuntimeError(
-                    "step(loss_fn, batch) inside ddp.no_sync() would update the weights with an "
-                    "unsynchronised gradient; accumulate under no_sync with accumulate(...) (or "
-                    "accumulate(..., sync=False)) and finish with step()"
-                )
-            self._ddp_strategy.sync = True
-            if loss_fn is not None:
-                self._ddp_strategy.unsynced = False
-        return super().step(loss_fn, batch, closure=closure, scaler=scaler)
-
-    def _scheduled_base_step(self, scaler: Any) -> None:
-        # A gradient left local (unsynchronised accumulation, a combining rule) is averaged
-        # over the ranks once, right before the base step.
-        if self.ddp is not None and (self._needs_sync or self._ddp_strategy.unsynced):
-            self._sync_grads()
-            self._ddp_strategy.unsynced = False
-        super()._scheduled_base_step(scaler)
-
-    def first_step(self, zero_grad: bool = False) -> None:
+    def check_two_step(self) -> None:
         if self.ddp is not None:
             raise ValueError("DistributedMSAM: the two-step API is not scheduled for DDP; use "
                              "step(loss_fn, batch)")
-        super().first_step(zero_grad)
 
-    @torch.no_grad()
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def check_call(self, loss_fn: Any, batch: Any, closure: Any, scaler: Any,
+                   accumulate: bool) -> None:
+        if self.ddp is None or accumulate:
+            return
+        if closure is not None or (loss_fn is not None and batch is None):
+            raise ValueError("DistributedMSAM.step: needs loss_fn and batch (a closure "
+                             "cannot be scheduled around DDP's all-reduce)")
+        if loss_fn is not None and not self.ddp.require_backward_grad_sync:
+            raise RuntimeError(
+                "step(loss_fn, batch) inside ddp.no_sync() would update the weights with an "
+                "unsynchronised gradient; accumulate under no_sync with accumulate(...) (or "
+                "accumulate(..., sync=False)) and finish with step()"
+            )
+        self.strategy.sync = True
+        if loss_fn is not None:
+            self.strategy.unsynced = False
+
+    def begin_step(self, params: list[torch.Tensor]) -> None:
         self._needs_sync = False
-        super().zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["msam"]["strategy"] = {"name": "loop"}  # the DDP evaluator is rebuilt, not loaded
-        return sd
+    def accumulated(self, sync: bool) -> None:
+        """An accumulate() call succeeded: a synchronised call leaves every accumulated
+        gradient averaged over the ranks; an unsynchronised one, or a combining rule's, leaves
+        them all local."""
+        self._needs_sync = not sync or self.strategy.unsynced
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        if self.ddp is not None:
-            self.engine.strategy = self._ddp_strategy
-        self._check_schedule()
-
-    def _check_schedule(self) -> None:
-        """Schedules: an off-step is one full-batch pass whose backward DDP all-reduces (the
-        evaluator's last, synchronised pass). The reuse direction would be made from each
-        rank's own clean gradient, so the ranks would diverge: refused for world_size > 1."""
-        if self.schedule.reuse is not None and self.world_size > 1:
-            raise ValueError(
-                f"reuse: {self.schedule.reuse!r} is not supported by DistributedMSAM with "
-                f"world_size={self.world_size} (each rank's reuse direction would differ); "
-                "use every/start_step without reuse")
-
-    def __repr__(self) -> str:
-        return super().__repr__()[:-1] + (
-            f", mode={self.mode!r}, world_size={self.world_size})"
-        )
+    def before_base_step(self, opt: Any, step: Any) -> None:
+        # A gradient left local (unsynchronised accumulation, a combining rule) is averaged
+        # over the ranks once, right before the base step.
+        if self.ddp is not None and (self._needs_sync or self.strategy.unsynced):
+            self._sync_grads(step)
+            self.strategy.unsynced = False
 
     def _count_forward(self, module: nn.Module, args: Any) -> None:
         self._ddp_forwards += 1
@@ -604,11 +460,11 @@ class DistributedMSAM(MSAM):
         return out
 
     @torch.no_grad()
-    def _sync_grads(self) -> None:
+    def _sync_grads(self, step: Any) -> None:
         """All-reduce (average) ``p.grad`` that DDP has not synchronised yet, and a decoupled
         rule's ``d`` with it (WSAM); one call per dtype."""
-        params = self._params()
-        decoupled = self._decoupled if self._decoupled is not None else []
+        params = step.params
+        decoupled = step.decoupled if step.decoupled is not None else []
         # Slots: every p.grad, then every d; a missing one travels as zeros.
         local = [p.grad for p in params] + list(decoupled)
         shapes = params + params[:len(decoupled)]
@@ -639,9 +495,164 @@ class DistributedMSAM(MSAM):
                     p.grad = g.clone()
                 else:
                     p.grad.copy_(g)
-        if self._decoupled is not None:
-            self._decoupled = [None if d is None else d.clone() for d in synced[len(params):]]
+        if step.decoupled is not None:
+            step.decoupled = [None if d is None else d.clone() for d in synced[len(params):]]
         self._needs_sync = False
+
+
+class DistributedMSAM(MSAM):
+    """mSAM (or SAM) for a model wrapped in ``DistributedDataParallel``.
+
+    Args:
+        model: the ``DistributedDataParallel`` module that ``loss_fn`` calls. Without a process
+            group (or with a world size of 1) a plain module is accepted and the optimizer is
+            plain :class:`msam.MSAM`. FSDP, ``DataParallel`` and nested wrappers are rejected
+            with :class:`UnsupportedWrapperError`.
+        params: parameters or param groups, all of them parameters of ``model``; ``None`` means
+            every parameter of ``model`` (or the groups of an already-built ``base_optimizer``).
+        base_optimizer: optimizer class (built with ``**base_kwargs``) or instance.
+        rho: neighbourhood radius.
+        mode: ``"local"`` (default): each rank perturbs with its own micro-batches, one gradient
+            all-reduce per step. ``"synchronized"``: the ascent gradient is all-reduced too
+            (global perturbation; SAM on the global batch); needs local ``m = 1``.
+        micro_batches: number ``m`` of micro-batches **per rank** per batch. A step averages
+            ``world_size * m`` perturbations (:attr:`global_micro_batches`).
+        micro_batch_size: alternatively the largest micro-batch size, per rank.
+        check_errors: agree on an error flag before each collective (default ``True``; costs
+            one tiny all-reduce per call, plus one before the ascent all-reduce in synchronized
+            mode). With ``False`` a rank that fails leaves the others waiting in DDP's
+            all-reduce until the process group's timeout.
+        **kwargs: everything else :class:`msam.MSAM` takes (``adaptive``, ``eta``, ``rule``,
+            ``perturb``, ``max_grad_norm``, ``nonfinite``) and the base optimizer's keyword
+            arguments. The evaluator is :class:`DDPStrategy` (``vmap`` would bypass DDP).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[Any] | None,
+        base_optimizer: type[Optimizer] | Optimizer | Callable[..., Optimizer],
+        rho: float = 0.05,
+        *,
+        mode: str = "local",
+        micro_batches: int | None = None,
+        micro_batch_size: int | None = None,
+        check_errors: bool = True,
+        strategy: str | Strategy = "loop",
+        **kwargs: Any,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(check_errors, bool):
+            raise ValueError(f"check_errors must be True or False, got {check_errors!r}")
+        if not (strategy == "loop" or isinstance(strategy, LoopStrategy)):
+            raise ValueError(
+                f"strategy: DistributedMSAM supports 'loop' only, got {strategy!r} ('vmap' calls "
+                "the module functionally and would bypass DDP's gradient synchronisation)"
+            )
+        if "model" in kwargs:
+            raise ValueError("model: pass the DDP model as the first argument instead")
+        if mode == "synchronized" and (
+            micro_batch_size is not None or (micro_batches is not None and micro_batches != 1)
+        ):
+            raise ValueError(
+                "mode='synchronized' uses one perturbation per step for the whole global batch: "
+                f"local micro_batches must be 1 (got micro_batches={micro_batches!r}, "
+                f"micro_batch_size={micro_batch_size!r}); use mode='local' for mSAM"
+            )
+        ddp, module = _resolve(model)
+        _check_batchnorm(ddp, module)
+        if params is None and not isinstance(base_optimizer, Optimizer):
+            params = module.parameters()
+        if params is not None:
+            params = list(params) if not isinstance(params, torch.Tensor) else [params]
+            owned = {id(p) for p in module.parameters()}
+            foreign = [p for p in _flatten_params(params) if id(p) not in owned]
+            if foreign:
+                raise ValueError(
+                    f"params: {len(foreign)} parameter(s) do not belong to the model; DDP only "
+                    "synchronises the gradients of its module's parameters"
+                )
+        distribution = DDPDistribution(ddp, module, mode, check_errors)
+        super().__init__(
+            params, base_optimizer, rho, micro_batches=micro_batches,
+            micro_batch_size=micro_batch_size, strategy="loop", model=module,
+            distribution=distribution, **kwargs,
+        )
+        check_support(self.rule, where="ddp", mode=mode)
+        if self.schedule.reuse is not None and distribution.world_size > 1:
+            # The reuse direction would be made from each rank's own clean gradient.
+            raise ValueError(
+                f"reuse: {self.schedule.reuse!r} is not supported by DistributedMSAM with "
+                f"world_size={distribution.world_size} (each rank's reuse direction would "
+                "differ); use every/start_step without reuse")
+        self.ddp, self.module, self.mode, self.check_errors = ddp, module, mode, check_errors
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.distribution.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.distribution.rank  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def process_group(self) -> Any:
+        return self.distribution.process_group  # type: ignore[attr-defined]
+
+    @property
+    def comm_counts(self) -> dict[str, int]:
+        return self.distribution.comm_counts  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def global_micro_batches(self) -> int | None:
+        """Perturbations averaged per step over all ranks (``world_size * m``; 1 if synchronized).
+
+        ``None`` when ``micro_batch_size`` sets ``m`` from the batch size.
+        """
+        if self.mode == "synchronized":
+            return 1
+        m = self.micro_batches
+        if m is None:
+            return self.world_size if self.engine.micro_batch_size is None else None
+        return self.world_size * m
+
+    def accumulate(
+        self,
+        loss_fn: Callable[..., torch.Tensor],
+        batch: Any = None,
+        *,
+        scale: float = 1.0,
+        scaler: Any = None,
+        sync: bool = True,
+    ) -> torch.Tensor:
+        """Add ``scale`` times this batch's mSAM gradient to ``p.grad`` (as MSAM.accumulate).
+
+        ``sync=False`` keeps the call free of gradient communication: pass ``sync=(i == k - 1)``
+        over ``k`` accumulation calls (or wrap the first ``k - 1`` calls in ``ddp.no_sync()``)
+        and only the last micro-batch of the last call all-reduces. If ``step()`` finds a
+        gradient that was never synchronised it all-reduces it once itself -- always the case
+        with a rule that combines ``g_j`` and ``h_j`` (GSAM, WSAM), whatever ``sync`` says.
+        """
+        d = self.distribution
+        assert isinstance(d, DDPDistribution)
+        if d.ddp is None:
+            return super().accumulate(loss_fn, batch, scale=scale, scaler=scaler)
+        sync = bool(sync) and d.ddp.require_backward_grad_sync
+        d.strategy.sync = sync
+        d.strategy.unsynced = False
+        out = super().accumulate(loss_fn, batch, scale=scale, scaler=scaler)
+        if not (self.last_result is not None and self.last_result.skipped):
+            # A synchronised call leaves every accumulated gradient averaged over the ranks; a
+            # combining rule's call leaves them all local.
+            d.accumulated(sync)
+        return out
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + (
+            f", mode={self.mode!r}, world_size={self.world_size})"
+        )
 
 
 def _groups(tensors: list[torch.Tensor]) -> list[list[int]]:

@@ -45,11 +45,13 @@ from torch.optim import Optimizer
 
 from msam.core.nonfinite import NonFiniteLossError
 from msam.core.perturbation import PerturbationRule, sum_of_squares
+from msam.core.registry import check_support
 from msam.distributed.optimizer import (
     DistributedStepError,
     RemoteNonFiniteError,
     UnsupportedWrapperError,
 )
+from msam.optim.distribution import Distribution
 from msam.optim.msam import MSAM, _flatten_params
 from msam.strategies import LoopStrategy, StepContext
 from msam.strategies.base import check_loss, fresh_autocast, local
@@ -57,12 +59,6 @@ from msam.strategies.base import check_loss, fresh_autocast, local
 __all__ = ["FSDPStrategy", "ShardedMSAM", "fsdp_modules"]
 
 _OK, _NONFINITE, _FAILED = 0, 1, 2
-#: Rules whose direction and norm terms are correct shard by shard: SAM and ASAM are
-#: elementwise; GCSAM's centralisation is a mean over each output row (every dimension but the
-#: first), and FSDP's Shard(0) keeps every row whole on one rank.
-_SHARDABLE_RULES = ("sam", "asam", "gcsam")
-
-
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` that ``fully_shard`` was applied to."""
     from torch.distributed.fsdp import FSDPModule
@@ -130,7 +126,7 @@ class FSDPStrategy(LoopStrategy):
 
     name = "fsdp"
 
-    def __init__(self, opt: ShardedMSAM) -> None:
+    def __init__(self, opt: FSDPDistribution) -> None:
         self.opt = opt
         self._settled = False
 
@@ -299,33 +295,124 @@ class ShardedMSAM(MSAM):
             meshes.append(_check_param(p, names.get(id(p), "?")))
         if len({id(m) for m in meshes}) != 1 and len({str(m) for m in meshes}) != 1:
             raise UnsupportedWrapperError("all parameters must be sharded on one device mesh")
+        distribution = FSDPDistribution(model, meshes[0].get_group(), check_errors)
         super().__init__(params, base_optimizer, rho, micro_batches=micro_batches,
                          micro_batch_size=micro_batch_size, strategy="loop", model=model,
-                         **kwargs)
-        rule = self.engine.rule
-        if rule.name not in _SHARDABLE_RULES or type(rule).__call__ is not \
-                PerturbationRule.__call__:
-            raise ValueError(
-                f"rule: {rule.name!r} is not supported by ShardedMSAM; only the elementwise "
-                f"rules {_SHARDABLE_RULES} are correct shard by shard (the combining rules GSAM "
-                "/ WSAM need inner products over all shards, FriendlySAM a global norm of its "
-                "own direction; use DistributedMSAM for them)")
+                         distribution=distribution, **kwargs)
         self.module = model
         self.check_errors = check_errors
-        self.process_group = meshes[0].get_group()
-        self.world_size = dist.get_world_size(self.process_group)
-        self.rank = dist.get_rank(self.process_group)
-        backend = dist.get_backend(self.process_group)
+
+    @property
+    def world_size(self) -> int:
+        return self.distribution.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.distribution.rank  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def process_group(self) -> Any:
+        return self.distribution.process_group  # type: ignore[attr-defined]
+
+    @property
+    def comm_counts(self) -> dict[str, int]:
+        return self.distribution.comm_counts  # type: ignore[attr-defined, no-any-return]
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip ``.grad`` to the global norm ``max_norm`` over all shards (see
+        :meth:`FSDPDistribution.clip_grad_norm_`). Returns the norm."""
+        return self.distribution.clip_grad_norm_(self, self._params(), max_norm)
+
+    def settings(self) -> dict[str, Any]:
+        """The mSAM settings and counters (``state_dict()["msam"]`` without the base state)."""
+        return dict(MSAM.state_dict(self)["msam"])
+
+    def load_settings(self, settings: dict[str, Any]) -> None:
+        """Restore what :meth:`settings` returned (checked as ``load_state_dict`` checks it)."""
+        from msam.optim.msam import _validated_settings
+
+        s = _validated_settings(settings)
+        if s["rule"].get("name") != self.rule.name:
+            raise ValueError(f"settings: saved with rule {s['rule'].get('name')!r}, this "
+                             f"optimizer uses {self.rule.name!r}")
+        self.engine.micro_batches = s["micro_batches"]
+        self.engine.micro_batch_size = s["micro_batch_size"]
+        self.engine.nonfinite = s["nonfinite"]
+        self.max_grad_norm = s["max_grad_norm"]
+        self.steps, self.skipped_steps = s["steps"], s["skipped_steps"]
+        self.zero_grad()
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", world_size={self.world_size})"
+
+
+class FSDPDistribution(Distribution):
+    """FSDP2's part of a step (:mod:`msam.optim.distribution`): the :class:`FSDPStrategy`
+    evaluator, the rule on local shards with one all-reduce of the norm, clipping over the
+    shards, and the refusals (closures, ``GradScaler``, the two-step API)."""
+
+    name = "fsdp"
+
+    def __init__(self, module: nn.Module, process_group: Any, check_errors: bool) -> None:
+        self.module, self.process_group, self.check_errors = module, process_group, check_errors
+        self.world_size = dist.get_world_size(process_group)
+        self.rank = dist.get_rank(process_group)
+        backend = dist.get_backend(process_group)
         self._comm_device = (torch.device("cuda", torch.cuda.current_device())
                              if backend == "nccl" else torch.device("cpu"))
         #: Collectives made by the optimizer itself (FSDP's all-gathers / reduce-scatters not
         #: counted).
         self.comm_counts = {"norm_allreduce": 0, "error_check": 0, "clip_allreduce": 0}
-        self.engine.rule = _ShardedRule(rule, self)
-        self._fsdp_strategy = FSDPStrategy(self)
-        self.engine.strategy = self._fsdp_strategy
+        self.strategy = FSDPStrategy(self)
 
-    # -- communication ------------------------------------------------------------------------
+    def evaluator(self, strategy: Any) -> Any:
+        return self.strategy
+
+    def perturbation_rule(self, rule: Any) -> Any:
+        if isinstance(rule, _ShardedRule):
+            return rule
+        check_support(rule, where="fsdp")
+        return _ShardedRule(rule, self)
+
+    def state_name(self, strategy: Any) -> dict[str, Any]:
+        return {"name": "loop"}
+
+    def check_two_step(self) -> None:
+        raise ValueError("ShardedMSAM: the two-step API is not scheduled for FSDP; use "
+                         "step(loss_fn, batch)")
+
+    def check_call(self, loss_fn: Any, batch: Any, closure: Any, scaler: Any,
+                   accumulate: bool) -> None:
+        if scaler is not None:
+            raise ValueError("scaler: GradScaler is not supported by ShardedMSAM; use bf16 "
+                             "mixed precision (MixedPrecisionPolicy(param_dtype=torch.bfloat16))")
+        if accumulate and batch is None:
+            raise ValueError("ShardedMSAM.accumulate: needs loss_fn and batch")
+        if not accumulate and (closure is not None or (loss_fn is not None and batch is None)):
+            raise ValueError("ShardedMSAM.step: needs loss_fn and batch (a closure cannot be "
+                             "scheduled around FSDP's collectives)")
+
+    def begin_step(self, params: list[torch.Tensor]) -> None:
+        # Drop the previous step's gradient shards now, as zero_grad() does before a plain
+        # FSDP step, instead of keeping them for the step's .grad restore (one shard). A
+        # failed step therefore leaves .grad None; weights and optimizer state are restored.
+        for p in params:
+            p.grad = None
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, opt: Any, params: list[torch.Tensor], max_norm: float
+                        ) -> torch.Tensor:
+        """Clip ``.grad`` to the global norm ``max_norm`` over all shards, as
+        ``torch.nn.utils.clip_grad_norm_`` does on unsharded gradients (coefficient
+        ``min(1, max_norm / (norm + 1e-6))``); one scalar all-reduce. Returns the norm."""
+        grads = [local(p.grad) for p in params if p.grad is not None]
+        sq = sum_of_squares(grads) if grads else torch.zeros((), dtype=torch.float64)
+        total = self._all_reduce_sum(sq, "clip_allreduce").sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(device=g.device, dtype=g.dtype))
+        return total
+
     def _all_reduce_sum(self, value: torch.Tensor, what: str) -> torch.Tensor:
         out = value.to(self._comm_device).clone()
         dist.all_reduce(out, group=self.process_group)
@@ -338,112 +425,11 @@ class ShardedMSAM(MSAM):
         for m in fsdp_modules(self.module):
             m.reshard()  # type: ignore[operator]
 
-    # -- step ---------------------------------------------------------------------------------
-    def step(  # type: ignore[override]
-        self,
-        loss_fn: Callable[..., torch.Tensor] | None = None,
-        batch: Any = None,
-        *,
-        closure: Callable[[], torch.Tensor] | None = None,
-        scaler: Any = None,
-    ) -> torch.Tensor | None:
-        """One SAM / mSAM step on this rank's ``batch``; returns this rank's mean loss at ``w``."""
-        if closure is not None or (loss_fn is not None and batch is None):
-            raise ValueError("ShardedMSAM.step: needs loss_fn and batch (a closure cannot be "
-                             "scheduled around FSDP's collectives)")
-        self._no_scaler(scaler)
-        if loss_fn is not None and not self._pending:
-            # Drop the previous step's gradient shards now, as zero_grad() does before a plain
-            # FSDP step, instead of keeping them for the engine's .grad restore (one shard).
-            # A failed step therefore leaves .grad None; weights and optimizer state are
-            # restored exactly.
-            for p in self._params():
-                p.grad = None
-        return super().step(loss_fn, batch)
-
-    def accumulate(self, loss_fn: Callable[..., torch.Tensor], batch: Any = None, *,
-                   scale: float = 1.0, scaler: Any = None) -> torch.Tensor:
-        if batch is None:
-            raise ValueError("ShardedMSAM.accumulate: needs loss_fn and batch")
-        self._no_scaler(scaler)
-        return super().accumulate(loss_fn, batch, scale=scale)
-
-    @staticmethod
-    def _no_scaler(scaler: Any) -> None:
-        if scaler is not None:
-            raise ValueError("scaler: GradScaler is not supported by ShardedMSAM; use bf16 "
-                             "mixed precision (MixedPrecisionPolicy(param_dtype=torch.bfloat16))")
-
-    def first_step(self, zero_grad: bool = False) -> None:
-        raise ValueError("ShardedMSAM: the two-step API is not scheduled for FSDP; use "
-                         "step(loss_fn, batch)")
-
-    def _base_step(self, scaler: Any) -> None:
-        if self.max_grad_norm is not None:
-            self.clip_grad_norm_(self.max_grad_norm)
-        self.base_optimizer.step()
-        self._pending = False
-        self.steps += 1
-
-    @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip ``.grad`` to the global norm ``max_norm`` over all shards, as
-        ``torch.nn.utils.clip_grad_norm_`` does on unsharded gradients (coefficient
-        ``min(1, max_norm / (norm + 1e-6))``); one scalar all-reduce. Returns the norm."""
-        grads = [local(p.grad) for p in self._params() if p.grad is not None]
-        sq = sum_of_squares(grads) if grads else torch.zeros((), dtype=torch.float64)
-        total = self._all_reduce_sum(sq, "clip_allreduce").sqrt()
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef.to(device=g.device, dtype=g.dtype))
-        return total
-
-    # -- state --------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["msam"]["strategy"] = {"name": "loop"}
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._install()
-
-    def settings(self) -> dict[str, Any]:
-        """The mSAM settings and counters (``state_dict()["msam"]`` without the base state)."""
-        sd = MSAM.state_dict(self)
-        out = dict(sd["msam"])
-        out["strategy"] = {"name": "loop"}
-        return out
-
-    def load_settings(self, settings: dict[str, Any]) -> None:
-        """Restore what :meth:`settings` returned (checked as ``load_state_dict`` checks it)."""
-        from msam.optim.msam import _validated_settings
-
-        s = _validated_settings(settings)
-        self.engine.micro_batches = s["micro_batches"]
-        self.engine.micro_batch_size = s["micro_batch_size"]
-        self.engine.nonfinite = s["nonfinite"]
-        self.max_grad_norm = s["max_grad_norm"]
-        self.steps, self.skipped_steps = s["steps"], s["skipped_steps"]
-        if s["rule"].get("name") != self.engine.rule.name:
-            raise ValueError(f"settings: saved with rule {s['rule'].get('name')!r}, this "
-                             f"optimizer uses {self.engine.rule.name!r}")
-        self._pending = False
-
-    def _install(self) -> None:
-        inner = self.engine.rule
-        if not isinstance(inner, _ShardedRule):
-            self.engine.rule = _ShardedRule(inner, self)
-        self.engine.strategy = self._fsdp_strategy
-
-    def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", world_size={self.world_size})"
-
 
 class _ShardedRule(PerturbationRule):
     """A SAM / ASAM rule evaluated on local shards with the norm all-reduced once."""
 
-    def __init__(self, inner: PerturbationRule, opt: ShardedMSAM) -> None:
+    def __init__(self, inner: PerturbationRule, opt: FSDPDistribution) -> None:
         self.inner, self.opt = inner, opt
         self.name = inner.name
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,8 +66,10 @@ from torch.optim import Optimizer
 
 from msam.core.batchnorm import BatchNormStep
 from msam.core.perturbation import PerturbationRule
+from msam.core.registry import check_support
 from msam.core.schedule import Schedule, validate_schedule_state
-from msam.optim.engine import GradientEngine, GradientResult, validate_eta, validate_rho
+from msam.optim.distribution import Distribution
+from msam.optim.step import GradientConfig, Step, validate_count, validate_eta, validate_rho
 from msam.strategies import STRATEGIES, Strategy, make_strategy
 
 __all__ = ["ASAM", "MSAM", "SAM", "Schedule", "msam_gradient"]
@@ -135,8 +138,10 @@ class MSAM(Optimizer):
         reuse: str | None = None,
         reuse_alpha: float = 0.7,
         schedule: Schedule | None = None,
+        distribution: Distribution | None = None,
         **base_kwargs: Any,
     ) -> None:
+        self.distribution = Distribution() if distribution is None else distribution
         self.schedule = _make_schedule(schedule, every, start_step, reuse, reuse_alpha)
         rho = validate_rho(rho)
         eta = validate_eta(eta)
@@ -145,10 +150,12 @@ class MSAM(Optimizer):
             or not math.isfinite(max_grad_norm) or max_grad_norm <= 0
         ):
             raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
-        self.engine = GradientEngine(
+        self.engine = GradientConfig(
             micro_batches=micro_batches, micro_batch_size=micro_batch_size, adaptive=adaptive,
             rule=rule, strategy=strategy, model=model, nonfinite=nonfinite,
         )
+        self.engine.strategy = self.distribution.evaluator(self.engine.strategy)
+        self.engine.rule = self.distribution.perturbation_rule(self.engine.rule)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         defaults = {"rho": rho, "eta": eta}
 
@@ -207,14 +214,11 @@ class MSAM(Optimizer):
             raise ValueError(f"reuse: {self.schedule.reuse!r} needs every parameter perturbed "
                              "(its direction is made from the clean gradient of the perturbed "
                              "ones); drop perturb= or reuse")
-        if self.schedule.reuse is not None and self.engine.rule.decouples:
-            raise ValueError(f"reuse: {self.schedule.reuse!r} rebuilds the gradient from p.grad, "
-                             f"which rule {self.engine.rule.name!r} (decoupled) leaves without "
-                             "the sharpness term; drop reuse or use the coupled form")
-        self._pending = False
-        #: (decoupled rules) the sharpness step waiting for the base step: ``p -= lr * d``.
-        self._decoupled: list[torch.Tensor | None] | None = None
-        self._two_step: tuple[list[torch.Tensor], list[torch.Tensor], Any] | None = None
+        if self.schedule.reuse is not None:
+            check_support(self.engine.rule, where="reuse")
+        #: The step under way: accumulate() calls not yet finished by step().
+        self._step: Step | None = None
+        self._two_step: tuple[Step, list[torch.Tensor], list[torch.Tensor], Any] | None = None
         self.steps = 0
         self.skipped_steps = 0
         self.last_result: GradientResult | None = None
@@ -267,6 +271,14 @@ class MSAM(Optimizer):
         return self.engine.rule
 
     # -- the step ------------------------------------------------------------------------------
+    def _begin(self, scaler: Any, fresh: bool = True) -> Step:
+        """A new transaction (:class:`msam.optim.step.Step`) for optimizer step ``self.steps``."""
+        params, groups, perturb = self._per_param()
+        self.distribution.begin_step(params)
+        return Step(self.engine, params, groups, perturb,
+                    perturbs=self.schedule.perturbs(self.steps), scaler=scaler, fresh=fresh,
+                    keep_clean=self.schedule.reuse is not None)
+
     def accumulate(
         self,
         loss_fn: Callable[..., torch.Tensor],
@@ -277,31 +289,19 @@ class MSAM(Optimizer):
     ) -> torch.Tensor:
         """Add ``scale`` times the mSAM gradient of ``batch`` to ``p.grad``; no base step.
 
-        For ``k`` accumulation batches use ``scale=1/k`` and finish with ``step()``. Each call
-        updates BatchNorm running statistics once (each call is one loader batch).
+        For ``k`` accumulation batches use ``scale=1/k`` and finish with ``step()``: the ``k``
+        calls are one transaction (the step's BatchNorm statistics, one update per call, and
+        the rule's statistics are written when ``step()`` commits it).
         """
         self._check_no_two_step("accumulate")
-        params, groups, perturb = self._per_param()
-        on = self.schedule.perturbs(self.steps)
-        # The first call after a step starts from zero; later calls add to it.
-        try:
-            result = self.engine.compute(
-                loss_fn, batch, params, groups, perturb, scaler=scaler,
-                grad_weight=float(scale), fresh=not self._pending, plain=not on,
-                observer=self.schedule.observer(float(scale)) if on else None,
-            )
-        except BaseException:
-            self.schedule.drop_call()
-            raise
-        self.last_result = result
-        if result.skipped:
-            self.schedule.drop_call()
+        self.distribution.check_call(loss_fn, batch, None, scaler, accumulate=True)
+        if self._step is None:
+            self._step = self._begin(scaler)
+        loss = self._step.add(loss_fn, batch, float(scale), scaler)
+        self.last_result = GradientResult(loss, self._step.skipped, self._step.reason)
+        if self._step.skipped:
             self.skipped_steps += 1
-            return result.loss
-        self.schedule.keep_call(fresh=not self._pending)
-        self._add_decoupled(result.decoupled, fresh=not self._pending)
-        self._pending = True
-        return result.loss
+        return loss
 
     def step(  # type: ignore[override]
         self,
@@ -320,10 +320,11 @@ class MSAM(Optimizer):
         * ``step()`` after :meth:`accumulate`: the base step on the accumulated gradient.
 
         Returns the weighted mean loss at the unperturbed weights (detached), or NaN when the
-        step was skipped. A failure in the base optimizer's step leaves ``.grad`` and the
-        BatchNorm buffers as before the call (see :meth:`base_step`).
+        step was skipped. If anything fails, ``.grad``, the weights, the BatchNorm buffers and
+        the rule's and schedule's state are as before the call.
         """
         self._check_no_two_step("step")
+        self.distribution.check_call(loss_fn, batch, closure, scaler, accumulate=False)
         if closure is not None:
             if loss_fn is not None or batch is not None:
                 raise ValueError("closure: give a closure or loss_fn and batch, not both")
@@ -331,7 +332,7 @@ class MSAM(Optimizer):
         if loss_fn is None:
             if batch is not None:
                 raise ValueError("batch: given without loss_fn")
-            if not self._pending:
+            if self._step is None or not self._step.calls:
                 raise RuntimeError(
                     "step() without loss_fn: no accumulate() call since the last step, and "
                     "msam does not step on a gradient it did not compute (that would be a plain "
@@ -342,52 +343,40 @@ class MSAM(Optimizer):
                     "accelerate.backward (accelerate), lightning.MSAMModule / "
                     "lightning.manual_step (Lightning); see docs/integrations.md"
                 )
-            self._scheduled_base_step(scaler)
+            self._finish(self._step, scaler, keep=True)
             return None
-        if self._pending:
+        if self._step is not None and self._step.calls:
             raise RuntimeError(
                 "accumulate() was called since the last step: call step() without arguments "
                 "to apply the accumulated gradient"
             )
-        params, groups, perturb = self._per_param()
-        on = self.schedule.perturbs(self.steps)
-        try:
-            result = self.engine.compute(
-                loss_fn, batch, params, groups, perturb, scaler=scaler, fresh=True,
-                commit=False, plain=not on, observer=self.schedule.observer(1.0) if on else None,
-            )
-        except BaseException:
-            self.schedule.drop_call()
-            raise
-        self.last_result = result
-        if result.skipped:
-            self.schedule.drop_call()
+        step = self._step = self._begin(scaler)
+        loss = step.add(loss_fn, batch, 1.0)                       # the mSAM gradient
+        self.last_result = GradientResult(loss, step.skipped, step.reason)
+        if step.skipped:
+            self._step = None
             self.skipped_steps += 1
-            if scaler is not None and scaler.is_enabled():
-                self._report_overflow(scaler)
-            return result.loss
-        self.schedule.keep_call(fresh=True)
-        self._add_decoupled(result.decoupled, fresh=True)
-        try:
-            self._scheduled_base_step(scaler)
-        except BaseException:
-            self._decoupled = None
-            if result.undo_grads is not None:
-                result.undo_grads()
-            raise
-        result.commit()
-        return result.loss
+            if step.scaler is not None:
+                self._report_overflow(step.scaler)
+            return loss
+        self._finish(step, scaler, keep=False)                     # base step, commit
+        return loss
 
-    def _scheduled_base_step(self, scaler: Any) -> None:
-        """The base step, with the reuse schedule's change to ``.grad`` (undone if the base
-        optimizer raises; its new direction kept only if it does not)."""
-        pending = self.schedule.finish(self._params(), self.schedule.perturbs(self.steps))
+    def _finish(self, step: Step, scaler: Any, keep: bool) -> None:
+        """The base step on ``step``'s gradient, then its commit. If the base step raises,
+        ``keep`` keeps the accumulated gradient for another ``step()``; otherwise the step is
+        rolled back."""
         try:
-            self._base_step(scaler)
+            self._base_step(scaler, step)
         except BaseException:
-            pending.undo()
+            if keep:
+                step.undo_reuse()
+            else:
+                self._step = None
+                step.rollback()
             raise
-        pending.commit()
+        self._step = None
+        step.commit(self.schedule)
 
     def base_step(self, scaler: Any = None) -> None:
         """The base optimizer's step on the gradient in ``p.grad`` as it is (clipped with
@@ -398,60 +387,29 @@ class MSAM(Optimizer):
         three parameter copies per step).
         """
         self._check_no_two_step("base_step")
-        self._base_step(scaler)
+        self._base_step(scaler, None)
 
-    def _check_decoupled_lr(self) -> None:
-        """Before the base step: the decoupled step needs each group's lr as a number."""
-        if self._decoupled is None:
-            return
-        for i, g in enumerate(self.param_groups):
-            lr = g.get("lr")
-            if isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
-                raise ValueError(
-                    f"param_groups[{i}]['lr']: rule {self.engine.rule.name!r} (decoupled) "
-                    f"applies w -= lr * d after the base step and needs a number, got {lr!r} "
-                    "(an optimizer that sets no lr, e.g. Adafactor with relative_step=True, "
-                    "needs the coupled form)")
-
-    def _base_step(self, scaler: Any) -> None:
-        self._check_decoupled_lr()
+    def _base_step(self, scaler: Any, step: Step | None) -> None:
+        """The one base step: the distribution's gradient reduction, a reuse schedule's change
+        to ``.grad``, clipping (after unscaling), the base optimizer (through the scaler) and a
+        decoupled rule's ``w -= lr d``."""
+        if step is not None:
+            self.distribution.before_base_step(self, step)
+            _check_decoupled_lr(self.param_groups, step, self.engine.rule.name)
+            step.reuse(self.schedule)
         params = self._params()
         if scaler is not None and scaler.is_enabled():
             if self.max_grad_norm is not None:
                 scaler.unscale_(self.base_optimizer)
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                self.distribution.clip_grad_norm_(self, params, self.max_grad_norm)
             scaler.step(self.base_optimizer)
         else:
             if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                self.distribution.clip_grad_norm_(self, params, self.max_grad_norm)
             self.base_optimizer.step()
-        self._apply_decoupled()
-        self._pending = False
+        if step is not None:
+            step.apply_decoupled()
         self.steps += 1
-
-    def _add_decoupled(self, decoupled: list[torch.Tensor | None] | None, fresh: bool) -> None:
-        if fresh:
-            self._decoupled = None
-        if decoupled is None:
-            return
-        if self._decoupled is None:
-            self._decoupled = decoupled
-            return
-        with torch.no_grad():  # out of place: each call's GradientResult keeps its own part
-            self._decoupled = [a if d is None else d if a is None else a + d
-                               for a, d in zip(self._decoupled, decoupled)]
-
-    @torch.no_grad()
-    def _apply_decoupled(self) -> None:
-        """A decoupled rule's step after the base step (WSAM): ``p -= lr * d``, ``lr`` being
-        the param group's current learning rate."""
-        decoupled, self._decoupled = self._decoupled, None
-        if decoupled is None:
-            return
-        params, groups, _ = self._per_param()
-        for p, d, group in zip(params, decoupled, groups):
-            if d is not None:
-                p.sub_(d.to(p.dtype) * group["lr"])
 
     def _report_overflow(self, scaler: Any) -> None:
         """Let the scaler see this step's overflow so that ``scaler.update()`` lowers the scale.
@@ -483,6 +441,7 @@ class MSAM(Optimizer):
         running statistics are frozen until :meth:`second_step` (the perturbed pass updates
         none). ``m = 1`` only: micro-batches need ``step(loss_fn, batch)``."""
         self._check_no_two_step("first_step")
+        self.distribution.check_two_step()
         if not self.schedule.trivial:
             raise ValueError(f"first_step: the two-step API perturbs on every call; with a "
                              f"schedule ({self.schedule!r}) use opt.step(loss_fn, batch)")
@@ -491,21 +450,17 @@ class MSAM(Optimizer):
                 "first_step: the two-step API perturbs once per batch (m = 1); with "
                 "micro_batches use opt.step(loss_fn, batch)"
             )
-        if self.engine.rule.combines:
-            raise ValueError(
-                f"first_step: rule {self.engine.rule.name!r} combines g_j and h_j, which the "
-                "two-step API does not see together; use opt.step(loss_fn, batch)")
-        params, groups, perturb = self._per_param()
-        idx = [i for i, k in enumerate(perturb) if k]
-        pert = [params[i] for i in idx]
+        check_support(self.engine.rule, where="two_step")
+        step = self._begin(None)
+        idx = step.perturbed
+        pert = [step.params[i] for i in idx]
         grads = [p.grad for p in pert]
         if all(g is None for g in grads):
             raise RuntimeError("first_step: no gradient in .grad; call loss.backward() first")
         rule = self.engine.rule
-        if rule.observes:  # committed in second_step
-            rule.begin_step()
-            rule.observe(grads, 1.0)
-        e, _ = rule(grads, pert, [groups[i] for i in idx])
+        if rule.observes:  # the rule's statistics are written when second_step commits
+            step.clean = [None if g is None else g.clone() for g in grads]
+        e, _ = rule(grads, pert, [step.groups[i] for i in idx])
         backup = [p.detach().clone() for p in pert]
         moved = [(p, ei) for p, ei in zip(pert, e) if ei is not None]
         torch._foreach_add_([p for p, _ in moved], [ei for _, ei in moved])
@@ -513,7 +468,7 @@ class MSAM(Optimizer):
         if self.engine.model is not None:
             bn = frozen.enter_context(contextlib.closing(BatchNormStep(self.engine.bn.modules())))
             frozen.enter_context(bn.pass_(record=False))
-        self._two_step = (pert, backup, frozen)
+        self._two_step = (step, pert, backup, frozen)
         if zero_grad:
             self.zero_grad()
 
@@ -522,21 +477,19 @@ class MSAM(Optimizer):
         ``backward()`` at ``w + e``)."""
         if self._two_step is None:
             raise RuntimeError("second_step() without first_step()")
-        pert, backup, frozen = self._two_step
+        step, pert, backup, frozen = self._two_step
         self._two_step = None
         with torch.no_grad():
             torch._foreach_copy_(pert, backup)
         frozen.close()
-        self._base_step(None)
-        if self.engine.rule.observes:
-            self.engine.rule.end_step()
+        self._base_step(None, None)
+        step.commit()
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._pending = False
-        self._decoupled = None
+        self._step = None  # a pending accumulation is dropped with its gradient
         super().zero_grad(set_to_none=set_to_none)
 
     # -- state ----------------------------------------------------------------------------------
@@ -547,7 +500,7 @@ class MSAM(Optimizer):
             "micro_batches": self.engine.micro_batches,
             "micro_batch_size": self.engine.micro_batch_size,
             "rule": self.engine.rule.state_dict(),
-            "strategy": self.engine.strategy.state_dict(),
+            "strategy": self.distribution.state_name(self.engine.strategy),
             "max_grad_norm": self.max_grad_norm,
             "nonfinite": self.engine.nonfinite,
             "steps": self.steps,
@@ -602,14 +555,13 @@ class MSAM(Optimizer):
         self._link()
         self.engine.micro_batches = settings["micro_batches"]
         self.engine.micro_batch_size = settings["micro_batch_size"]
-        self.engine.strategy = strategy
+        self.engine.strategy = self.distribution.evaluator(strategy)
         self.engine.nonfinite = settings["nonfinite"]
         self.max_grad_norm = settings["max_grad_norm"]
         self.steps = settings["steps"]
         self.skipped_steps = settings["skipped_steps"]
         self.schedule = schedule
-        self._pending = False
-        self._decoupled = None
+        self._step = None
 
     def __repr__(self) -> str:
         return (
@@ -635,8 +587,6 @@ def _make_schedule(schedule: Schedule | None, every: Any, start_step: Any, reuse
 
 def _validated_settings(extra: Mapping[str, Any]) -> dict[str, Any]:
     """The ``msam`` entry of a state dict, checked value by value (versions 1 and 2)."""
-    from msam.optim.engine import validate_count
-
     where = f"state_dict[{_STATE_KEY!r}]"
     version = extra.get("version")
     if version not in (1, _STATE_VERSION):
@@ -757,40 +707,49 @@ def msam_gradient(
     if not params:
         raise ValueError("params: no parameter requires grad")
     ids = None if perturb is None else {id(p) for p in _flatten_params(perturb)}
-    engine = GradientEngine(
+    cfg = GradientConfig(
         micro_batches=micro_batches, micro_batch_size=micro_batch_size, adaptive=adaptive,
         rule=rule, strategy=strategy, model=model, nonfinite=nonfinite,
     )
-    if engine.rule.decouples:
-        raise ValueError(
-            f"rule: {engine.rule.name!r} (decoupled) moves the weights after the base step, "
-            "which msam_gradient (it only fills p.grad) cannot do; use msam.MSAM (its "
-            "accumulate() and step() work inside trainers) or the coupled form, e.g. "
-            "msam.core.WSAMRule(decoupled=False)")
+    check_support(cfg.rule, where="gradient")
     group = {"rho": rho, "eta": eta}
-    observer = schedule.observer(float(scale)) if schedule is not None and on else None
-    try:
-        result = engine.compute(
-            loss_fn, batch, params, [group] * len(params),
-            [ids is None or id(p) in ids for p in params], scaler=scaler,
-            grad_weight=float(scale), fresh=not accumulate, plain=not on, observer=observer,
-        )
-    except BaseException:
-        if schedule is not None:
-            schedule.drop_call()
-        raise
-    if schedule is not None:
-        if result.skipped:
-            schedule.drop_call()
-        else:
-            schedule.keep_call(fresh=True)
-            schedule.finish(params, on).commit()
-    if result.skipped and scaler is not None and scaler.is_enabled():
-        with torch.no_grad():
-            p = params[0]
-            p.grad = torch.full_like(p, float("inf")) if p.grad is None else p.grad.fill_(
-                float("inf"))
-    return result.loss
+    tx = Step(cfg, params, [group] * len(params), [ids is None or id(p) in ids for p in params],
+              perturbs=on, scaler=scaler, fresh=not accumulate,
+              keep_clean=schedule is not None and schedule.reuse is not None)
+    loss = tx.add(loss_fn, batch, float(scale))
+    if tx.skipped:
+        if tx.scaler is not None:  # .grad non-finite: scaler.step skips, update lowers
+            with torch.no_grad():
+                p = params[0]
+                p.grad = torch.full_like(p, float("inf")) if p.grad is None else p.grad.fill_(
+                    float("inf"))
+        return loss
+    tx.reuse(schedule)
+    tx.commit(schedule)
+    return loss
+
+
+@dataclass
+class GradientResult:
+    """What the last gradient computation did (``MSAM.last_result``)."""
+
+    loss: torch.Tensor  # mean loss at w (0-d, detached; NaN if skipped)
+    skipped: bool = False
+    reason: str = ""
+
+
+def _check_decoupled_lr(param_groups: list[dict[str, Any]], step: Step, rule: str) -> None:
+    """Before the base step: a decoupled rule's ``w -= lr d`` needs each group's lr as a
+    number."""
+    if step.decoupled is None:
+        return
+    for i, g in enumerate(param_groups):
+        lr = g.get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
+            raise ValueError(
+                f"param_groups[{i}]['lr']: rule {rule!r} (decoupled) applies w -= lr * d after "
+                f"the base step and needs a number, got {lr!r} (an optimizer that sets no lr, "
+                "e.g. Adafactor with relative_step=True, needs the coupled form)")
 
 
 def _flatten_params(params: Iterable[Any]) -> list[torch.Tensor]:
