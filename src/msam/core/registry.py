@@ -22,6 +22,7 @@ from msam.core.friendlysam import FriendlySAMRule
 from msam.core.gcsam import GCSAMRule
 from msam.core.gsam import GSAMRule
 from msam.core.perturbation import ASAMRule, PerturbationRule, SAMRule
+from msam.core.usam import USAMRule
 from msam.core.wsam import WSAMRule
 
 __all__ = ["RULES", "check_support", "make_rule", "register_rule"]
@@ -87,6 +88,7 @@ def check_support(rule: PerturbationRule, *, where: str, mode: str = "") -> None
 # The built-in rules, one line each (docs/variants.md).
 register_rule("sam", SAMRule)
 register_rule("asam", ASAMRule)
+register_rule("usam", USAMRule)
 register_rule("gsam", GSAMRule)
 register_rule("friendlysam", FriendlySAMRule)
 register_rule("wsam", WSAMRule)
