@@ -155,6 +155,26 @@ def test_failing_rank_stops_every_rank(ranks, name, failing, message):
         assert res["unchanged"] and res["recovery"] == "ok" and res["in_sync"], (name, res)
 
 
+def test_failure_before_any_collective_stops_every_rank(ranks):
+    """Core v3 case 1: a batch smaller than m on rank 1 fails in the split, before any
+    collective; rank 0 must not finish its step alone (its collectives would pair with rank
+    1's next step)."""
+    r0, r1 = _faults(ranks, "short_batch")
+    assert r1["outcome"].startswith("ValueError:") and "micro" in r1["outcome"], r1
+    assert r0["outcome"].startswith("DistributedStepError:") and "rank 1" in r0["outcome"], r0
+    for res in (r0, r1):
+        assert res["unchanged"] and res["recovery"] == "ok" and res["in_sync"], res
+
+
+@pytest.mark.parametrize("key,setting", [("mismatch_m", "micro_batches"),
+                                         ("mismatch_rule", "rule")])
+def test_ranks_with_different_settings_are_refused_on_every_rank(ranks, key, setting):
+    """Core v3 case 3: ranks built with different m (or rule) used to train without a word."""
+    for res in ranks:
+        out = res["faults"][key]
+        assert out.startswith("ValueError:") and setting in out and "rank 1" in out, out
+
+
 def test_nonfinite_raise_names_the_rank(ranks):
     failing, other = _faults(ranks, "nan_raise")[1], _faults(ranks, "nan_raise")[0]
     assert failing["outcome"].startswith("NonFiniteLossError:")

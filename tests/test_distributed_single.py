@@ -123,6 +123,30 @@ def test_argument_validation(group):
         torch.equal(a, b) for a, b in zip(before, ddp.parameters()))
 
 
+def test_check_errors_false_refuses_to_go_on_after_a_failure(group):
+    """Core v3 case 2: with check_errors=False a failed step used to be followed by more steps
+    whose collectives no longer pair with the other ranks'; the failed rank now refuses."""
+    ddp = DDP(_net(), **ddp_kwargs())
+    opt = DistributedMSAM(ddp, None, torch.optim.SGD, micro_batches=2, check_errors=False,
+                          lr=0.1)
+
+    def boom(b):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        opt.step(boom, _batch())
+    with pytest.raises(RuntimeError, match="check_errors=False.*out of step"):
+        opt.step(_loss(ddp), _batch())
+    with pytest.raises(RuntimeError, match="out of step"):
+        opt.accumulate(_loss(ddp), _batch())
+    # check_errors=True (the default): the same failure leaves the optimizer usable
+    ok = DistributedMSAM(DDP(_net(), **ddp_kwargs()), None, torch.optim.SGD, micro_batches=2,
+                         lr=0.1)
+    with pytest.raises(ValueError, match="boom"):
+        ok.step(boom, _batch())
+    ok.step(_loss(ok.ddp), _batch())
+
+
 # -- one rank behaves like MSAM -----------------------------------------------------------------
 
 

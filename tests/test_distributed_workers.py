@@ -550,6 +550,15 @@ def _faults(rank: int, world: int, out_dir: Path) -> dict:
         case(f"{rule}_skip_grad_inf", model, opt, flaky, (1, 4, "grad_inf"),
              lambda opt=opt, flaky=flaky: opt.step(flaky, local))
 
+    # a failure before any collective (a batch smaller than m on one rank): agreed on too
+    model, ddp, opt, flaky = setup(13)
+    short = (local[0][:1], local[1][:1]) if rank == 1 else local
+    case("short_batch", model, opt, flaky, (), lambda: opt.step(flaky, short))
+
+    # ranks built with different settings: refused on every rank, at construction
+    out["mismatch_m"] = _outcome(lambda: setup(14, micro_batches=2 + 2 * rank))
+    out["mismatch_rule"] = _outcome(lambda: setup(14, rule="gsam" if rank else "sam"))
+
     model, ddp, opt, flaky = setup(9, mode="synchronized", micro_batches=1)
     case("sync_raise_ascent", model, opt, flaky, (1, 1, "raise"), lambda: opt.step(flaky, local))
     case("sync_raise_descent", model, opt, flaky, (0, 2, "raise"),

@@ -235,6 +235,10 @@ class DDPStrategy(LoopStrategy):
                 flag = _NONFINITE if isinstance(err, NonFiniteLossError) else _FAILED
                 opt._agree(flag, f"{type(err).__name__}: {err}")
                 self._settled = True
+            elif not opt.check_errors and opt.ddp is not None:
+                # Without the agreement the other ranks did not stop: their collectives now
+                # pair with different calls of this rank. Refuse to go on (see check_errors).
+                opt.broken = f"{type(err).__name__}: {err}"
             raise
         finally:
             self._ctx = None
@@ -332,6 +336,8 @@ class DDPDistribution(Distribution):
             self.world_size, self.rank = 1, 0
             self._comm_device = torch.device("cpu")
         self._needs_sync = False
+        #: With check_errors=False: why this rank's collectives are out of step (or None).
+        self.broken: str | None = None
         #: Collective calls made by this optimizer itself (DDP's bucket all-reduces not counted).
         self.comm_counts = {"ascent_allreduce": 0, "error_check": 0, "grad_sync": 0}
         self._ddp_forwards = 0
@@ -352,6 +358,11 @@ class DDPDistribution(Distribution):
 
     def check_call(self, loss_fn: Any, batch: Any, closure: Any, scaler: Any,
                    accumulate: bool) -> None:
+        if self.broken is not None:
+            raise RuntimeError(
+                f"DistributedMSAM: an earlier step failed on this rank ({self.broken}) with "
+                "check_errors=False, so the ranks' collectives are out of step; restart the "
+                "job from a checkpoint (check_errors=True stops every rank cleanly instead)")
         if self.ddp is None or accumulate:
             return
         if closure is not None or (loss_fn is not None and batch is None):
@@ -369,6 +380,23 @@ class DDPDistribution(Distribution):
 
     def begin_step(self, params: list[torch.Tensor]) -> None:
         self._needs_sync = False
+
+    def check_settings(self, opt: Any) -> None:
+        """Every rank must run the same m, rule, rho, strategy, mode and schedule: one
+        all-gather of them; a difference is a ``ValueError`` on every rank, naming it."""
+        if self.ddp is None or self.world_size == 1:
+            return
+        mine = settings_fingerprint(opt, mode=self.mode, check_errors=self.check_errors)
+        every: list[Any] = [None] * self.world_size
+        dist.all_gather_object(every, mine, group=self.process_group)
+        for key in mine:
+            values = [r.get(key) if isinstance(r, dict) else None for r in every]
+            if any(v != values[0] for v in values[1:]):
+                per_rank = ", ".join(f"rank {_global_rank(self.process_group, r)}: {v!r}"
+                                     for r, v in enumerate(values))
+                raise ValueError(
+                    f"DistributedMSAM: {key} differs between the ranks ({per_rank}); every rank "
+                    "must build the optimizer with the same settings")
 
     def accumulated(self, sync: bool) -> None:
         """An accumulate() call succeeded: a synchronised call leaves every accumulated
@@ -520,8 +548,12 @@ class DistributedMSAM(MSAM):
         micro_batch_size: alternatively the largest micro-batch size, per rank.
         check_errors: agree on an error flag before each collective (default ``True``; costs
             one tiny all-reduce per call, plus one before the ascent all-reduce in synchronized
-            mode). With ``False`` a rank that fails leaves the others waiting in DDP's
-            all-reduce until the process group's timeout.
+            mode). With ``False`` the ranks do not agree: when a step raises (or is skipped)
+            on one rank, the other ranks do not know it and go on into their collectives,
+            which then pair with *different* calls of the failed rank (they may wait until
+            the process group's timeout, or average mismatched gradients). The failed rank
+            therefore refuses every later step with a ``RuntimeError``: restart the job from
+            a checkpoint. Use ``False`` only where any failure ends the job anyway.
         **kwargs: everything else :class:`msam.MSAM` takes (``adaptive``, ``eta``, ``rule``,
             ``perturb``, ``max_grad_norm``, ``nonfinite``) and the base optimizer's keyword
             arguments. The evaluator is :class:`DDPStrategy` (``vmap`` would bypass DDP).
@@ -587,6 +619,7 @@ class DistributedMSAM(MSAM):
                 f"world_size={distribution.world_size} (each rank's reuse direction would "
                 "differ); use every/start_step without reuse")
         self.ddp, self.module, self.mode, self.check_errors = ddp, module, mode, check_errors
+        distribution.check_settings(self)
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -653,6 +686,24 @@ class DistributedMSAM(MSAM):
         return super().__repr__()[:-1] + (
             f", mode={self.mode!r}, world_size={self.world_size})"
         )
+
+
+def settings_fingerprint(opt: Any, **extra: Any) -> dict[str, Any]:
+    """The settings every rank must share, as plain values (tensors left out)."""
+    rule = {k: v for k, v in opt.rule.state_dict().items()
+            if not isinstance(v, (torch.Tensor, dict, list))}
+    sched = opt.schedule
+    return {
+        "micro_batches": opt.engine.micro_batches,
+        "micro_batch_size": opt.engine.micro_batch_size,
+        "rule": rule,
+        "rho": [float(g["rho"]) for g in opt.param_groups],
+        "strategy": opt.engine.strategy.name,
+        "schedule": (sched.every, sched.start_step, sched.reuse, sched.reuse_alpha),
+        "nonfinite": opt.engine.nonfinite,
+        "max_grad_norm": opt.max_grad_norm,
+        **extra,
+    }
 
 
 def _groups(tensors: list[torch.Tensor]) -> list[list[int]]:

@@ -14,6 +14,7 @@ The step (:mod:`msam.optim.step`) and the base step (``MSAM._base_step``) call a
 ``check_two_step``     whether the two-step API can be scheduled
 ``check_call``         whether ``step`` / ``accumulate`` can run with the given arguments
 ``begin_step``         a new optimizer step begins
+``check_settings``     that every rank runs the same settings (one all-gather)
 ``state_name``         the strategy name saved in ``state_dict`` (a distributed evaluator is
                        rebuilt on load, not saved)
 =====================  =====================================================================
@@ -57,6 +58,9 @@ class Distribution:
 
     def begin_step(self, params: list[torch.Tensor]) -> None:
         """A new optimizer step begins."""
+
+    def check_settings(self, opt: Any) -> None:
+        """After construction and after a load: raise if the ranks' settings differ."""
 
     def state_name(self, strategy: Any) -> dict[str, Any]:
         return strategy.state_dict()

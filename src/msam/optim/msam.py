@@ -562,6 +562,7 @@ class MSAM(Optimizer):
         self.skipped_steps = settings["skipped_steps"]
         self.schedule = schedule
         self._step = None
+        self.distribution.check_settings(self)
 
     def __repr__(self) -> str:
         return (

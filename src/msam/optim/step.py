@@ -174,10 +174,14 @@ class Step:
         loss at ``w``. Atomic: if it raises (or is skipped) the step is as before the call."""
         if scaler is not None:
             self.scaler = scaler if scaler.is_enabled() else None
-        if not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         params, cfg = self.params, self.cfg
-        fn, micro = cfg.split(loss_fn, batch, whole=not self.perturbs)
+        try:  # what can fail on one rank fails before any collective, or is agreed on
+            if not callable(loss_fn):
+                raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+            fn, micro = cfg.split(loss_fn, batch, whole=not self.perturbs)
+        except Exception:
+            with cfg.strategy.session(None):  # type: ignore[arg-type]
+                raise
         loss_scale = None
         if self.scaler is not None:  # on the device, no host sync
             loss_scale = self.scaler.scale(torch.ones((), device=params[0].device))
