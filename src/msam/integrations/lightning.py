@@ -82,7 +82,7 @@ def _closure_step(opt: MSAM) -> Iterator[None]:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not opt._pending:
+        if not opt.pending:
             result = opt.last_result
             if result is not None and result.skipped:  # nonfinite="skip": nothing to apply
                 return loss

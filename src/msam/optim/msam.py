@@ -259,6 +259,11 @@ class MSAM(Optimizer):
         return params, groups, perturb
 
     @property
+    def pending(self) -> bool:
+        """Whether ``accumulate()`` calls wait to be finished by ``step()``."""
+        return self._step is not None and self._step.calls > 0
+
+    @property
     def micro_batches(self) -> int | None:
         return self.engine.micro_batches
 
