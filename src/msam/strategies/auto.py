@@ -35,25 +35,14 @@ from typing import Any
 
 import torch
 
-from msam.core.batch import tensor_leaves
 from msam.strategies.base import StepContext, Strategy
 from msam.strategies.batched import BatchedStrategy
+from msam.strategies.grouped import config_key
 from msam.strategies.loop import LoopStrategy
 from msam.strategies.lowrank import LowRankStrategy
 from msam.strategies.vmap import VmapStrategy
 
 __all__ = ["AutoStrategy", "config_key"]
-
-
-def config_key(ctx: StepContext) -> str:
-    """What the choice depends on, as a string (it is saved in ``state_dict``)."""
-    shapes = tuple((tuple(p.shape), str(p.dtype)) for p in ctx.params)
-    leaves = tuple((path, tuple(t.shape), str(t.dtype))
-                   for path, t in tensor_leaves(ctx.micro_batches[0][0]))
-    device = ctx.params[0].device
-    threads = torch.get_num_threads() if device.type == "cpu" else 0
-    return repr((shapes, leaves, len(ctx.micro_batches), str(device), threads,
-                 tuple(ctx.perturbed)))
 
 
 class AutoStrategy(Strategy):
