@@ -21,6 +21,10 @@ number of micro-batches, device, CPU thread count):
   with the lower memory, and ``auto`` is never slower than ``loop`` beyond the noise of the
   probe.
 
+With a compiled model (``torch.compile``) ``loop`` runs the compiled graphs and the others
+run the model eagerly (:mod:`msam.strategies.compiled`), so the probe compares them as they
+would run; a choice other than ``loop`` is announced once by a ``NotCompiledWarning``.
+
 The choice belongs to this strategy object (one per optimizer), is kept per configuration for
 its lifetime and saved in the optimizer's ``state_dict`` (``choices``), so a resumed run uses
 the same code path without probing again. ``choice``, ``reason`` and ``timings`` tell what was
@@ -37,6 +41,7 @@ import torch
 
 from msam.strategies.base import StepContext, Strategy
 from msam.strategies.batched import BatchedStrategy
+from msam.strategies.compiled import quiet_not_compiled, warn_not_compiled
 from msam.strategies.grouped import config_key
 from msam.strategies.loop import LoopStrategy
 from msam.strategies.lowrank import LowRankStrategy
@@ -78,6 +83,13 @@ class AutoStrategy(Strategy):
                 self.choice = self.choices[key]
             else:
                 self.choice = self.choices[key] = self._probe(trial)
+            for cand in self.candidates.values():  # one warning, from auto, about its choice
+                quiet_not_compiled(cand, ctx.model)
+            if self.choice != "loop":
+                warn_not_compiled(self, self.name, ctx.model,
+                                  f"it chose {self.choice!r}, faster in its probe than the "
+                                  f"compiled 'loop'",
+                                  key=self.choice)
         return self.candidates[self.choice]
 
     def _probe(self, trial: Callable[[Strategy], float]) -> str:

@@ -45,6 +45,9 @@ BatchNorm follows :mod:`msam.core.batchnorm`: statistics per micro-batch in both
 (``F.batch_norm`` runs over ``k C`` channels), running statistics from the ascent pass only.
 Dropout draws one mask for the concatenated batch (so results are not bit-equal to ``loop``
 with dropout).
+
+``torch.compile``: the grouped passes run a compiled model eagerly, announced once by a
+:class:`~msam.strategies.compiled.NotCompiledWarning` (see :mod:`msam.strategies.compiled`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ import torch
 
 from msam.core.batch import batch_size
 from msam.strategies.base import Offsets, StepContext, Strategy, check_loss, fresh_autocast
+from msam.strategies.compiled import eager, warn_not_compiled
 from msam.strategies.grouped import (
     BNSlot,
     GroupedMode,
@@ -69,6 +73,11 @@ from msam.strategies.grouped import (
 from msam.strategies.loop import LoopStrategy
 
 __all__ = ["BatchedFallbackWarning", "BatchedStrategy", "Unbatchable", "unsupported_modules"]
+
+
+#: Why ``batched`` and ``lowrank`` run a compiled model eagerly (see msam.strategies.compiled).
+COMPILE_WHY = ("dynamo would recompile the model under the grouped TorchFunctionMode every "
+               "pass until its recompile limit and then run it uncompiled")
 
 
 class BatchedFallbackWarning(UserWarning):
@@ -114,6 +123,7 @@ class BatchedStrategy(Strategy):
         if bad:
             return self._fail(ctx, f"modules it cannot batch: {', '.join(bad)}")
         self.reason = ""
+        warn_not_compiled(self, self.name, model, COMPILE_WHY)
         return False
 
     def _fail(self, ctx: StepContext, reason: str, err: BaseException | None = None) -> bool:
@@ -213,7 +223,7 @@ class BatchedStrategy(Strategy):
             mode = GroupedMode(params, k, n, bn_slots,
                                 self._workspace(ctx, k) if ascent else None)
             fresh_autocast()
-            with torch.enable_grad(), mode:
+            with eager(), torch.enable_grad(), mode:
                 loss = check_loss(ctx.loss_fn(batch))
             if ascent:
                 coef: float = float(k)
@@ -288,7 +298,7 @@ class BatchedStrategy(Strategy):
             with ctx.bn.pass_(record=False):
                 slots = {id(rec.module._buffers["running_mean"]): BNSlot(rec, len(idx))
                          for rec in ctx.bn.records.values()}
-                with GroupedMode(shared, len(idx), n, slots):  # BatchNorm per micro-batch
+                with eager(), GroupedMode(shared, len(idx), n, slots):  # BN per micro-batch
                     whole = float(_scalar(ctx.loss_fn(batch)))
             parts = 0.0
             for j in idx:

@@ -51,6 +51,7 @@ from msam.core.batch import batch_size
 from msam.core.perturbation import EPS, PerturbationRule, SAMRule
 from msam.strategies.base import StepContext, check_loss, fresh_autocast
 from msam.strategies.batched import BatchedStrategy
+from msam.strategies.compiled import eager
 from msam.strategies.grouped import (
     BNSlot,
     GroupedMode,
@@ -299,7 +300,7 @@ class LowRankStrategy(BatchedStrategy):
                 bn_slots[id(rec.module._buffers["running_mean"])] = BNSlot(rec, k)
             mode = _FactoredMode(params, k, n, bn_slots, pert, layers, True, unscale)
             fresh_autocast()
-            with torch.enable_grad(), mode:
+            with eager(), torch.enable_grad(), mode:
                 loss = check_loss(ctx.loss_fn(batch))
             explicit = [i for i in ctx.perturbed
                         if mode.used.get(id(ctx.params[i])) == "explicit"]
@@ -365,7 +366,7 @@ class LowRankStrategy(BatchedStrategy):
                       for rec in ctx.bn.records.values()}
             dmode = _FactoredMode(dparams, k, n, dslots, pert, layers, False, None)
             fresh_autocast()
-            with torch.enable_grad(), dmode:
+            with eager(), torch.enable_grad(), dmode:
                 loss_p = check_loss(ctx.loss_fn(batch))
             weight = sum(ctx.micro_batches[j][1] for j in idx) * ctx.grad_weight
             dgrads = torch.autograd.grad(ctx.scaled(loss_p * weight), dleaves,
