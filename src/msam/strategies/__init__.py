@@ -5,6 +5,7 @@ from msam.strategies.auto import AutoStrategy
 from msam.strategies.base import StepContext, Strategy
 from msam.strategies.batched import BatchedFallbackWarning, BatchedStrategy
 from msam.strategies.closure import ClosureStrategy
+from msam.strategies.compiled import NotCompiledWarning
 from msam.strategies.loop import LoopStrategy
 from msam.strategies.lowrank import LowRankFallbackWarning, LowRankStrategy
 from msam.strategies.vmap import VmapStrategy
@@ -29,5 +30,5 @@ def make_strategy(name: str | Strategy) -> Strategy:
 __all__ = [
     "STRATEGIES", "AutoStrategy", "BatchedFallbackWarning", "BatchedStrategy", "ClosureStrategy",
     "LoopStrategy", "LowRankFallbackWarning", "LowRankStrategy", "NonFiniteLossError",
-    "StepContext", "Strategy", "VmapStrategy", "make_strategy",
+    "NotCompiledWarning", "StepContext", "Strategy", "VmapStrategy", "make_strategy",
 ]

@@ -21,6 +21,10 @@ number of micro-batches, device, CPU thread count):
   with the lower memory, and ``auto`` is never slower than ``loop`` beyond the noise of the
   probe.
 
+With a compiled model (``torch.compile``) ``loop`` runs the compiled graphs and the others
+run the model eagerly (:mod:`msam.strategies.compiled`), so the probe compares them as they
+would run; a choice other than ``loop`` is announced once by a ``NotCompiledWarning``.
+
 The choice belongs to this strategy object (one per optimizer), is kept per configuration for
 its lifetime and saved in the optimizer's ``state_dict`` (``choices``), so a resumed run uses
 the same code path without probing again. ``choice``, ``reason`` and ``timings`` tell what was
@@ -35,25 +39,15 @@ from typing import Any
 
 import torch
 
-from msam.core.batch import tensor_leaves
 from msam.strategies.base import StepContext, Strategy
 from msam.strategies.batched import BatchedStrategy
+from msam.strategies.compiled import quiet_not_compiled, warn_not_compiled
+from msam.strategies.grouped import config_key
 from msam.strategies.loop import LoopStrategy
 from msam.strategies.lowrank import LowRankStrategy
 from msam.strategies.vmap import VmapStrategy
 
 __all__ = ["AutoStrategy", "config_key"]
-
-
-def config_key(ctx: StepContext) -> str:
-    """What the choice depends on, as a string (it is saved in ``state_dict``)."""
-    shapes = tuple((tuple(p.shape), str(p.dtype)) for p in ctx.params)
-    leaves = tuple((path, tuple(t.shape), str(t.dtype))
-                   for path, t in tensor_leaves(ctx.micro_batches[0][0]))
-    device = ctx.params[0].device
-    threads = torch.get_num_threads() if device.type == "cpu" else 0
-    return repr((shapes, leaves, len(ctx.micro_batches), str(device), threads,
-                 tuple(ctx.perturbed)))
 
 
 class AutoStrategy(Strategy):
@@ -89,6 +83,13 @@ class AutoStrategy(Strategy):
                 self.choice = self.choices[key]
             else:
                 self.choice = self.choices[key] = self._probe(trial)
+            for cand in self.candidates.values():  # one warning, from auto, about its choice
+                quiet_not_compiled(cand, ctx.model)
+            if self.choice != "loop":
+                warn_not_compiled(self, self.name, ctx.model,
+                                  f"it chose {self.choice!r}, faster in its probe than the "
+                                  f"compiled 'loop'",
+                                  key=self.choice)
         return self.candidates[self.choice]
 
     def _probe(self, trial: Callable[[Strategy], float]) -> str:

@@ -50,14 +50,16 @@ import torch.nn.functional as F
 from msam.core.batch import batch_size
 from msam.core.perturbation import EPS, PerturbationRule, SAMRule
 from msam.strategies.base import StepContext, check_loss, fresh_autocast
-from msam.strategies.batched import (
-    BatchedStrategy,
+from msam.strategies.batched import BatchedStrategy
+from msam.strategies.compiled import eager
+from msam.strategies.grouped import (
+    BNSlot,
+    GroupedMode,
+    GroupedParam,
     Unbatchable,
-    _BNSlot,
-    _concat,
-    _flat,
-    _GroupedMode,
-    _Param,
+    concat_batches,
+    config_key,
+    flat_tensors,
 )
 
 __all__ = ["LowRankFallbackWarning", "LowRankStrategy"]
@@ -147,10 +149,10 @@ class _FactDescent(torch.autograd.Function):
         return gx, gw, gb, None
 
 
-class _FactoredMode(_GroupedMode):
+class _FactoredMode(GroupedMode):
     """The batched rules, with ``F.linear`` of a perturbed weight factored."""
 
-    def __init__(self, params: dict[int, _Param], k: int, n: int, bn_buffers: dict[int, Any],
+    def __init__(self, params: dict[int, GroupedParam], k: int, n: int, bn_buffers: dict[int, Any],
                  pert: set[int], layers: dict[int, _Layer], ascent: bool,
                  unscale: torch.Tensor | None) -> None:
         super().__init__(params, k, n, bn_buffers)
@@ -161,7 +163,7 @@ class _FactoredMode(_GroupedMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is not F.linear and self.rules.get(func) is not None:
-            for a in _flat(args, kwargs or {}):
+            for a in flat_tensors(args, kwargs or {}):
                 if id(a) in self.pert:
                     self._use(id(a), "explicit")
         return super().__torch_function__(func, types, args, kwargs)
@@ -241,8 +243,6 @@ class LowRankStrategy(BatchedStrategy):
         :meth:`descent` does): the losses at ``w``, the norms ``||g_j||`` and the losses at
         ``w + e_j``; ``None`` where the factored path does not apply (nothing was changed:
         the engine then takes the ordinary path)."""
-        from msam.strategies.auto import config_key
-
         if type(rule) is not SAMRule:
             self._no(ctx, ("rule", rule.name), f"rule {rule.name!r}: only the plain SAM rule "
                      f"has a low-rank perturbation")
@@ -276,7 +276,7 @@ class LowRankStrategy(BatchedStrategy):
         model = ctx.model
         assert model is not None
         k = len(idx)
-        batch = _concat([ctx.micro_batches[j][0] for j in idx])
+        batch = concat_batches([ctx.micro_batches[j][0] for j in idx])
         n = batch_size(batch)
         names = {id(p): nm for nm, p in model.named_parameters(remove_duplicate=False)}
         col = {id(ctx.params[i]): c for c, i in enumerate(ctx.perturbed)}
@@ -284,11 +284,11 @@ class LowRankStrategy(BatchedStrategy):
         device = ctx.params[0].device
 
         # -- ascent: one full-batch pass at w; D of the factored layers, stacked g_j else
-        params: dict[int, _Param] = {}
+        params: dict[int, GroupedParam] = {}
         for p in ctx.params:
             if id(p) not in names:
                 raise Unbatchable("an optimized parameter does not belong to model")
-            entry = params[id(p)] = _Param(names[id(p)], p.detach())
+            entry = params[id(p)] = GroupedParam(names[id(p)], p.detach())
             if id(p) in pert:
                 w = p.detach()
                 entry.stacked = w.unsqueeze(0).expand((k,) + tuple(w.shape)).requires_grad_()
@@ -297,10 +297,10 @@ class LowRankStrategy(BatchedStrategy):
         bn_slots = {}
         with ctx.bn.pass_(record=False):
             for rec in ctx.bn.records.values():
-                bn_slots[id(rec.module._buffers["running_mean"])] = _BNSlot(rec, k)
+                bn_slots[id(rec.module._buffers["running_mean"])] = BNSlot(rec, k)
             mode = _FactoredMode(params, k, n, bn_slots, pert, layers, True, unscale)
             fresh_autocast()
-            with torch.enable_grad(), mode:
+            with eager(), torch.enable_grad(), mode:
                 loss = check_loss(ctx.loss_fn(batch))
             explicit = [i for i in ctx.perturbed
                         if mode.used.get(id(ctx.params[i])) == "explicit"]
@@ -354,19 +354,19 @@ class LowRankStrategy(BatchedStrategy):
                     offsets[i] = g * c
 
         # -- descent: one full-batch pass at w + e_j
-        dparams: dict[int, _Param] = {}
+        dparams: dict[int, GroupedParam] = {}
         dleaves = []
         for i, p in enumerate(ctx.params):
-            entry = dparams[id(p)] = _Param(names[id(p)], p.detach().requires_grad_())
+            entry = dparams[id(p)] = GroupedParam(names[id(p)], p.detach().requires_grad_())
             dleaves.append(entry.leaf)
             if i in offsets:
                 entry.offsets = offsets[i]
         with ctx.bn.pass_(record=False):
-            dslots = {id(rec.module._buffers["running_mean"]): _BNSlot(rec, k)
+            dslots = {id(rec.module._buffers["running_mean"]): BNSlot(rec, k)
                       for rec in ctx.bn.records.values()}
             dmode = _FactoredMode(dparams, k, n, dslots, pert, layers, False, None)
             fresh_autocast()
-            with torch.enable_grad(), dmode:
+            with eager(), torch.enable_grad(), dmode:
                 loss_p = check_loss(ctx.loss_fn(batch))
             weight = sum(ctx.micro_batches[j][1] for j in idx) * ctx.grad_weight
             dgrads = torch.autograd.grad(ctx.scaled(loss_p * weight), dleaves,

@@ -15,6 +15,10 @@ Needs the model (``model=`` on the optimizer) and a ``loss_fn`` that calls that 
 Memory holds ``m`` copies of the parameters and all micro-batches' activations at once, so it
 trades memory for fewer, larger kernels; whether that is faster depends on the model and
 device (see ``msam bench``; the ``auto`` strategy measures it).
+
+``torch.compile``: dynamo does not compile a model called inside ``vmap(grad(...))`` from eager
+code, so a compiled model runs eagerly here, announced once by a
+:class:`~msam.strategies.compiled.NotCompiledWarning`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch.func import functional_call, grad, vmap
 
 from msam.core.batch import batch_size, stack_batches
 from msam.strategies.base import Offsets, StepContext, Strategy, fresh_autocast
+from msam.strategies.compiled import eager, warn_not_compiled
 
 __all__ = ["VmapStrategy"]
 
@@ -140,9 +145,12 @@ class VmapStrategy(Strategy):
                 (k,) + tuple(detached[i].shape)) for i in range(len(detached)))
             p_dims = 0
         mbs = stack_batches([ctx.micro_batches[j][0] for j in idx])
+        warn_not_compiled(self, self.name, model, "dynamo does not compile a model called "
+                          "inside torch.func.vmap / grad from eager code")
         fresh_autocast()
-        grads, losses = vmap(grad(loss_at, has_aux=True), in_dims=(p_dims, 0, 0),
-                             randomness="different")(pvals, scratch, mbs)
+        with eager():  # what dynamo would do after a failed attempt, without the attempt
+            grads, losses = vmap(grad(loss_at, has_aux=True), in_dims=(p_dims, 0, 0),
+                                 randomness="different")(pvals, scratch, mbs)
         if record:
             ctx.bn.record_stacked(prefix_of, scratch)
         return losses, list(grads)
