@@ -11,6 +11,7 @@ References:
 from msam.core.batchnorm import BatchNormPolicy
 from msam.core.nonfinite import NonFiniteLossError
 from msam.core.perturbation import ASAMRule, PerturbationRule, SAMRule
+from msam.core.registry import RULES, register_rule
 from msam.core.schedule import Schedule
 from msam.optim import (
     ASAM,
@@ -21,11 +22,12 @@ from msam.optim import (
     msam_gradient,
     normalization_parameters,
 )
+from msam.strategies.compiled import NotCompiledWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ASAM", "MSAM", "SAM", "ASAMRule", "BatchNormPolicy", "GradientEngine", "GradientResult",
-    "NonFiniteLossError", "PerturbationRule", "SAMRule", "Schedule", "__version__",
-    "msam_gradient", "normalization_parameters",
+    "NonFiniteLossError", "NotCompiledWarning", "PerturbationRule", "RULES", "SAMRule",
+    "Schedule", "__version__", "msam_gradient", "normalization_parameters", "register_rule",
 ]
