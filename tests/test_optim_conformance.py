@@ -315,6 +315,32 @@ def test_case13_deepcopy_and_pickle_step_like_the_original():
         _same(model, m)
 
 
+def test_case13_copies_rediscover_batchnorm():
+    """Case 13: without model=, the BatchNorm modules found in the first step are weak
+    references to the original's; a copy finds its own (its next steps, running statistics
+    included, equal the original's, and the original's buffers are not touched by the copy)."""
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8),
+                                   torch.nn.ReLU(), torch.nn.Linear(8, 1)).double()
+    model = make()
+    opt = msam.MSAM(model.parameters(), SGD, rho=0.05, micro_batches=2, lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(16, 5, generator=g, dtype=F64), torch.randn(16, 1, generator=g,
+                                                                    dtype=F64))
+            for _ in range(4)]
+    for d in data[:2]:
+        opt.step(_loss(model), d)
+    copies = [copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))]
+    for d in data[2:]:
+        for m, o in copies:
+            o.step(_loss(m), d)
+        opt.step(_loss(model), d)
+    for m, _ in copies:
+        for (k, x), y in zip(model.state_dict().items(), m.state_dict().values()):
+            assert torch.equal(x, y), k
+
+
 # -- case 15: hooks --------------------------------------------------------------------------------
 def _hooked(opt, calls):
     name = type(opt).__name__
