@@ -884,7 +884,8 @@ def _step_entry(step: Callable[..., Any]) -> Callable[..., Any]:
     """Around ``MSAM.step`` (torch.optim wraps this once more with its hooks):
 
     * global step hooks fire once per MSAM step (not again for the inner base step);
-    * ``step()`` / ``step(closure=None)`` that cannot change anything -- every group's ``lr``
+    * ``step()`` / ``step(closure=None)`` (every argument None; subclasses pass theirs on)
+      that cannot change anything -- every group's ``lr``
       is 0 and every gradient is zero, which is how ``torch.distributed.checkpoint``
       initialises an optimizer's state (``_init_optim_state``) -- steps the base optimizer
       once to create its state (momentum buffers, Adam moments) instead of raising; msam's
@@ -893,7 +894,7 @@ def _step_entry(step: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(step)
     def wrapper(self: MSAM, *args: Any, **kwargs: Any) -> Any:
         with _global_step_hooks_held():
-            if not args and kwargs in ({}, {"closure": None}) and self._is_state_init():
+            if all(a is None for a in (*args, *kwargs.values())) and self._is_state_init():
                 self.base_optimizer.step()
                 return None
             return step(self, *args, **kwargs)
