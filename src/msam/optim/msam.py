@@ -313,12 +313,15 @@ class MSAM(Optimizer):
 
     def _link(self) -> None:
         """Give every param group ``rho`` / ``eta`` (groups replaced by a base-optimizer load
-        may lack them); drop what ``Optimizer.__init__`` held before the base existed."""
+        may lack them) and drop saved step counters from them; drop what
+        ``Optimizer.__init__`` held before the base existed."""
         self.__dict__.pop("_early_param_groups", None)
         self.__dict__.pop("_early_state", None)
         for group in self.param_groups:
             for k in ("rho", "eta"):
                 group.setdefault(k, self.defaults[k])
+            for k in _GROUP_COUNTERS:   # an MSAM state loaded into the base optimizer
+                group.pop(k, None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         base = getattr(self, "base_optimizer", None)
