@@ -3,6 +3,9 @@
     python scripts/mutants.py            # every mutant; prints a table (killed / SURVIVED)
     python scripts/mutants.py eps_outside  # one mutant
 
+A mutant whose search text is not found exactly once in its file (the source changed) makes the
+script exit with status 2 and name it, before any test runs.
+
 Each mutant is a text replacement in one source file; the named tests run against the mutated
 tree (the file is restored afterwards, whatever happens). A mutant is killed when at least one
 of its tests fails.
@@ -18,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "msam"
 STRICT = "tests/test_reference_strict.py"
 MATRIX = "tests/test_optimizer_matrix.py"
+CONFORMANCE = "tests/test_optim_conformance.py"
 
 # name: (file, old, new, tests)
 MUTANTS = {
@@ -36,7 +40,8 @@ MUTANTS = {
     "no_ascent_norm_check": ("optim/engine.py",
                              'flags.check(norm, "ascent", j, "gradient")', "pass", [STRICT]),
     "no_final_grad_check": ("optim/engine.py",
-                            "flags.check_grads([p.grad for p in ctx.params])", "pass", [STRICT]),
+                            "flags.check_grads([None if p.grad is None else local(p.grad) "
+                            "for p in ctx.params])", "pass", [STRICT]),
     "vmap_ignores_grad_weight": ("strategies/vmap.py",
                                  "ctx.micro_batches[j][1] * ctx.grad_weight",
                                  "ctx.micro_batches[j][1]", [STRICT]),
@@ -61,15 +66,34 @@ MUTANTS = {
                         "            pass", [MATRIX]),
     "autocast_cache_kept": ("strategies/base.py", "    torch.clear_autocast_cache()",
                             "    pass", ["tests/test_core_v2.py"]),
+    "no_unscale_before_clip": ("optim/msam.py",
+                               "                scaler.unscale_(self.base_optimizer)\n", "",
+                               [CONFORMANCE
+                                + "::test_mutant_clipping_acts_on_the_unscaled_gradient"]),
+    "gsam_rho_not_clipped": ("core/gsam.py", "    frac = min(1.0, max(0.0, frac))\n", "",
+                             [CONFORMANCE + "::test_mutant_gsam_rho_schedule_is_clipped"]),
 }
+
+
+class StaleMutant(Exception):
+    """A mutant's search text is not (exactly once) in its file: the source changed."""
+
+
+def check(name: str) -> None:
+    """Raise :class:`StaleMutant` unless ``name`` exists and its text occurs once."""
+    if name not in MUTANTS:
+        raise StaleMutant(f"{name}: no such mutant (known: {', '.join(MUTANTS)})")
+    file, old, _, _ = MUTANTS[name]
+    count = (SRC / file).read_text().count(old)
+    if count != 1:
+        raise StaleMutant(f"{name}: its search text occurs {count} times in src/msam/{file} "
+                          f"(needs exactly 1; the source changed, update the mutant): {old!r}")
 
 
 def run(name: str) -> bool:
     file, old, new, tests = MUTANTS[name]
     path = SRC / file
     original = path.read_text()
-    if original.count(old) != 1:
-        raise SystemExit(f"{name}: pattern found {original.count(old)} times in {file}")
     try:
         path.write_text(original.replace(old, new))
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p",
@@ -86,6 +110,15 @@ def run(name: str) -> bool:
 
 def main() -> int:
     names = sys.argv[1:] or list(MUTANTS)
+    stale = []
+    for n in names:   # every named mutant is checked before any test runs
+        try:
+            check(n)
+        except StaleMutant as err:
+            stale.append(str(err))
+    if stale:
+        print("STALE MUTANTS (nothing was run):\n" + "\n".join(stale), file=sys.stderr)
+        return 2
     print("| mutant | file | result | first failing test |\n|---|---|---|---|")
     results = [run(n) for n in names]
     return 0 if all(results) else 1

@@ -201,6 +201,11 @@ class BatchNormPolicy:
         self.model = model
         self._discovered: list[weakref.ref] | None = None
 
+    def __getstate__(self) -> dict[str, object]:
+        """Copies and pickles forget the discovered modules (weak references to the original
+        model's): they are found again in their first step, in whatever model they run."""
+        return {**self.__dict__, "_discovered": None}
+
     def modules(self) -> list[_BatchNorm]:
         if self.model is not None:
             return [m for m in self.model.modules()

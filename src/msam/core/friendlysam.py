@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from msam.core.perturbation import PerturbationRule, SAMRule, check_number
+from msam.core.perturbation import PerturbationRule, SAMRule, check_dense, check_number
 
 __all__ = ["FriendlySAMRule"]
 
@@ -60,6 +60,7 @@ class FriendlySAMRule(PerturbationRule):
 
     @torch.no_grad()
     def __call__(self, grads, params, groups, *, owned=False):
+        check_dense(grads, params)
         keep = 1.0 - self.sigma * (1.0 - self.lmbda)
         dirs: list[torch.Tensor | None] = []
         for i, g in enumerate(grads):
@@ -105,6 +106,16 @@ class FriendlySAMRule(PerturbationRule):
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "sigma": self.sigma, "lmbda": self.lmbda,
                 "m": {i: t.clone() for i, t in self.m.items()}}
+
+    def check_params(self, params, where: str) -> None:
+        """Each saved ``m`` belongs to a perturbed parameter of the same shape."""
+        for i, m in sorted(self.m.items()):
+            if not 0 <= i < len(params):
+                raise ValueError(f"{where}: 'm' has an entry for perturbed parameter {i}, the "
+                                 f"optimizer perturbs {len(params)}")
+            if m.shape != params[i].shape:
+                raise ValueError(f"{where}: 'm' of perturbed parameter {i} has shape "
+                                 f"{tuple(m.shape)}, the parameter {tuple(params[i].shape)}")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)

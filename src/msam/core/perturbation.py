@@ -41,7 +41,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "EPS", "ASAMRule", "PerturbationRule", "SAMRule", "perturbation", "perturbation_norm",
+    "EPS", "ASAMRule", "PerturbationRule", "SAMRule", "check_dense", "perturbation",
+    "perturbation_norm",
 ]
 
 #: Added to the norm so that a zero gradient gives a zero perturbation instead of NaN.
@@ -142,6 +143,18 @@ def _scaled_by_norm(
     return out
 
 
+def check_dense(grads: Tensors, params: Sequence[torch.Tensor]) -> None:
+    """Refuse sparse ascent gradients (e.g. ``nn.Embedding(sparse=True)``) with an error naming
+    the parameter: the perturbation's norm and ``w + e`` need dense gradients."""
+    for i, g in enumerate(grads):
+        if g is not None and g.layout != torch.strided:
+            raise ValueError(
+                f"perturbed parameter {i} (shape {tuple(params[i].shape)}) has a sparse "
+                f"gradient ({g.layout}), e.g. from nn.Embedding(sparse=True); the SAM "
+                "perturbation rho g/||g|| needs a dense gradient. Use sparse=False for that "
+                "layer (and a base optimizer for dense gradients)")
+
+
 def check_number(value: Any, name: str, *, ge: float | None = None, gt: float | None = None,
                  le: float | None = None, lt: float | None = None) -> float:
     """``value`` as a float if it is a finite real number within the bounds, else a
@@ -211,6 +224,7 @@ class PerturbationRule:
         ``exclusive=True`` (with ``owned``): the caller also guarantees that the gradients are
         distinct, non-overlapping and referenced by nothing else, even where they are views
         into one buffer (FSDP's reduce-scatter output), so every one may hold ``e_i``."""
+        check_dense(grads, params)
         idx = [i for i, g in enumerate(grads) if g is not None]
         out: list[torch.Tensor | None] = [None] * len(grads)
         if not idx and reduce_sq is None:
@@ -248,6 +262,10 @@ class PerturbationRule:
 
     def validate_group(self, group: Mapping[str, Any], where: str) -> None:
         """Check the rule's own param-group keys (called before every step); clear errors."""
+
+    def check_params(self, params: Sequence[torch.Tensor], where: str) -> None:
+        """Check the rule's loaded state against the perturbed parameters (their order and
+        shapes), before a loaded state is used; clear errors. Nothing to check by default."""
 
     def begin_step(self) -> None:
         """(``observes`` rules) A gradient computation starts; drop anything uncommitted."""

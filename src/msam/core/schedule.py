@@ -72,7 +72,7 @@ def _check(every: Any, start_step: Any, reuse: Any, reuse_alpha: Any, where: str
         raise ValueError(f"{pre}reuse_alpha must be a finite number >= 0, got {reuse_alpha!r}")
     if reuse is not None and every < 2:
         raise ValueError(f"{pre}reuse={reuse!r} needs every >= 2 (with every=1 every step "
-                         "perturbs and nothing is reused), got every={every}")
+                         f"perturbs and nothing is reused), got every={every}")
     return every, start_step, reuse, float(reuse_alpha)
 
 

@@ -55,7 +55,10 @@ Notes:
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +66,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
 
 from msam.core.batchnorm import BatchNormStep
 from msam.core.perturbation import PerturbationRule
@@ -78,6 +82,56 @@ _STATE_KEY = "msam"
 _STATE_VERSION = 2
 #: Per-parameter state keys written by other SAM implementations (a copy of the weights).
 _FOREIGN_STATE_KEYS = ("old_p", "e_w", "sam_e_w")
+#: Keys of the ``msam`` entry a version-2 state must have (``schedule`` may be absent: states
+#: written before schedules existed load with the default one); version 1 needs ``micro_batches``.
+_REQUIRED_KEYS = {1: ("micro_batches",),
+                  2: ("micro_batches", "micro_batch_size", "rule", "strategy", "max_grad_norm",
+                      "nonfinite", "steps", "skipped_steps")}
+#: Step counters also written into every saved param group, so that
+#: ``torch.distributed.checkpoint``'s optimizer state dicts (which keep only ``state`` and
+#: ``param_groups``) carry them; see :meth:`MSAM.load_state_dict`.
+_GROUP_COUNTERS = ("msam_steps", "msam_skipped_steps")
+#: Per-parameter state entries of torch's optimizers that have the parameter's shape.
+_PARAM_SHAPED_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
+                       "square_avg", "acc_delta", "grad_avg", "sum", "ax", "prev", "step_size",
+                       "exp_inf")
+#: Not pickled / deep-copied (as ``torch.optim.Optimizer`` drops its hooks): the step wrapper an
+#: LR scheduler installs on the instance, the last result (closures) and the hook tables.
+_NOT_COPIED = ("step", "last_result", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+               "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+               "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+
+
+def _describe(p: torch.Tensor) -> str:
+    return f"shape {tuple(p.shape)}, dtype {str(p.dtype).replace('torch.', '')}"
+
+
+def _check_new_group(group: dict[str, Any], index: int) -> None:
+    """A param group about to be added: no parameter twice (torch.optim only warns, and then
+    steps it twice), no complex parameter (SAM's norm and step are defined for real weights)."""
+    params = group.get("params")
+    if isinstance(params, torch.Tensor):
+        group["params"] = params = [params]
+    elif params is not None and not isinstance(params, (set, list)):
+        group["params"] = params = list(params)   # a generator is read once
+    if not isinstance(params, list):
+        return   # torch.optim's own error
+    seen: dict[int, int] = {}
+    for k, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            continue
+        if id(p) in seen:
+            raise ValueError(
+                f"params: param_groups[{index}] lists one parameter twice (positions "
+                f"{seen[id(p)]} and {k}, {_describe(p)}); it would be perturbed and stepped "
+                "twice. List each parameter once (e.g. deduplicate tied weights)")
+        seen[id(p)] = k
+        if p.is_complex():
+            raise ValueError(
+                f"params: param_groups[{index}] parameter {k} ({_describe(p)}) is complex; "
+                "the SAM perturbation rho g/||g|| is defined for real parameters. Store it as "
+                "a real parameter (e.g. torch.view_as_real) and rebuild the complex value in "
+                "forward")
 
 
 def _validate_group(group: Mapping[str, Any], where: str) -> None:
@@ -177,6 +231,11 @@ class MSAM(Optimizer):
             for i, g in enumerate(base.param_groups):
                 _validate_group(g, f"base_optimizer.param_groups[{i}]")
             super().__init__(base.param_groups, defaults)
+        elif isinstance(base_optimizer, type) and not issubclass(base_optimizer, Optimizer):
+            raise ValueError(
+                "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD), "
+                "an optimizer instance, or a function returning one; got the class "
+                f"{base_optimizer.__module__}.{base_optimizer.__qualname__}")
         elif callable(base_optimizer):
             if params is None:
                 raise ValueError("params: required when base_optimizer is a class")
@@ -188,12 +247,14 @@ class MSAM(Optimizer):
             base = base_optimizer(self.param_groups, **base_kwargs)
             if not isinstance(base, Optimizer):
                 raise ValueError(
-                    f"base_optimizer must build a torch.optim.Optimizer, got {type(base).__name__}"
+                    "base_optimizer must be a torch.optim.Optimizer subclass, an optimizer "
+                    "instance, or a function returning one; the function returned "
+                    f"{type(base).__name__}"
                 )
         else:
             raise ValueError(
-                "base_optimizer must be an optimizer class or instance, got "
-                f"{type(base_optimizer).__name__}"
+                "base_optimizer must be a torch.optim.Optimizer subclass, an optimizer instance, "
+                f"or a function returning one; got {type(base_optimizer).__name__}"
             )
         self.base_optimizer = base
         # Schedulers read the base optimizer's hyperparameters (e.g. OneCycleLR: momentum/betas).
@@ -224,16 +285,51 @@ class MSAM(Optimizer):
         self.last_result: GradientResult | None = None
 
     # -- param-group plumbing ---------------------------------------------------------------
+    # ``param_groups`` and ``state`` ARE the base optimizer's, whoever replaced them (e.g.
+    # ``opt.base_optimizer.load_state_dict`` or DCP's ``set_optimizer_state_dict`` make new
+    # lists): properties that read and write through ``base_optimizer``. Before the base exists
+    # (inside ``Optimizer.__init__``) they are held here.
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        base = self.__dict__.get("base_optimizer")
+        return self.__dict__["_early_param_groups"] if base is None else base.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            self.__dict__["_early_param_groups"] = value
+        else:
+            base.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        base = self.__dict__.get("base_optimizer")
+        return self.__dict__["_early_state"] if base is None else base.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            self.__dict__["_early_state"] = value
+        else:
+            base.state = value
+
     def _link(self) -> None:
-        """Share param_groups and state with the base optimizer (schedulers see one list)."""
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
+        """Give every param group ``rho`` / ``eta`` (groups replaced by a base-optimizer load
+        may lack them) and drop saved step counters from them; drop what
+        ``Optimizer.__init__`` held before the base existed."""
+        self.__dict__.pop("_early_param_groups", None)
+        self.__dict__.pop("_early_state", None)
         for group in self.param_groups:
             for k in ("rho", "eta"):
                 group.setdefault(k, self.defaults[k])
+            for k in _GROUP_COUNTERS:   # an MSAM state loaded into the base optimizer
+                group.pop(k, None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         base = getattr(self, "base_optimizer", None)
+        _check_new_group(param_group, len(self.param_groups))
         if base is None:  # during Optimizer.__init__
             return super().add_param_group(param_group)
         _validate_group(param_group, "add_param_group")
@@ -247,6 +343,7 @@ class MSAM(Optimizer):
 
     def _per_param(self) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[bool]]:
         params, groups, perturb = [], [], []
+        self._link()  # a base-optimizer load may have replaced the groups
         for i, g in enumerate(self.param_groups):
             _validate_group(g, f"param_groups[{i}]")  # a scheduler may have changed rho
             self.engine.rule.validate_group(g, f"param_groups[{i}]")
@@ -499,6 +596,12 @@ class MSAM(Optimizer):
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus the ``msam`` entry (settings, rule and schedule
+        state, counters); the step counters are also written into every saved param group
+        (``msam_steps``, ``msam_skipped_steps``), where ``torch.distributed.checkpoint`` keeps
+        them. Runs the hooks of ``register_state_dict_pre_hook`` / ``_post_hook``."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = self.base_optimizer.state_dict()
         sd[_STATE_KEY] = {
             "version": _STATE_VERSION,
@@ -512,15 +615,38 @@ class MSAM(Optimizer):
             "skipped_steps": self.skipped_steps,
             "schedule": self.schedule.state_dict(),
         }
+        for group in sd["param_groups"]:
+            group[_GROUP_COUNTERS[0]] = self.steps
+            group[_GROUP_COUNTERS[1]] = self.skipped_steps
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            out = post_hook(self, sd)
+            if out is not None:
+                sd = out
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`; anything else is refused with an error.
 
-        Checks the whole state before changing anything: the ``msam`` entry and each of its
-        values, per-parameter state written by other SAM implementations (``old_p``), and the
-        base optimizer's param groups (``rho``/``eta``). The saved strategy is restored.
+        Checks the whole state before changing anything: the ``msam`` entry (every key present,
+        each value valid), per-parameter state written by other SAM implementations
+        (``old_p``), the number and sizes of the param groups, the shape of every
+        parameter-shaped entry of the base state (momentum buffers, Adam moments) and of the
+        rule's state (FriendlySAM's EMA), and the param groups' ``rho`` / ``eta``. Then the
+        saved settings replace this optimizer's (a ``UserWarning`` names each one that changes;
+        the strategy, an execution choice, is restored silently).
+
+        A state without the ``msam`` entry whose param groups carry the step counters (what
+        ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` returns for an MSAM)
+        loads the base state and the counters; the settings stay this optimizer's (they are
+        constructor settings), and the rule's state and a reuse direction are not in it (see
+        docs/core.md). Runs the ``register_load_state_dict_pre_hook`` / ``_post_hook`` hooks.
         """
+        if isinstance(state_dict, Mapping):
+            state_dict = dict(state_dict)
+            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+                out = pre_hook(self, state_dict)
+                if out is not None:
+                    state_dict = out
         if not isinstance(state_dict, Mapping) or "state" not in state_dict \
                 or "param_groups" not in state_dict:
             raise ValueError("state_dict: not an optimizer state (needs 'state' and "
@@ -535,39 +661,152 @@ class MSAM(Optimizer):
                     "optimizer's base state into opt.base_optimizer if you must"
                 )
         extra = state_dict.get(_STATE_KEY)
-        if not isinstance(extra, Mapping):
+        counters = _group_counters(state_dict["param_groups"]) if extra is None else None
+        if not isinstance(extra, Mapping) and counters is None:
             raise ValueError(
                 f"state_dict: no {_STATE_KEY!r} entry, so it was not saved by msam.MSAM; a plain "
                 f"{type(self.base_optimizer).__name__} state goes into "
                 "opt.base_optimizer.load_state_dict(...)"
             )
-        settings = _validated_settings(extra)
+        settings = _validated_settings(extra) if isinstance(extra, Mapping) else None
         for i, g in enumerate(state_dict["param_groups"]):
             _validate_group(g, f"state_dict: param_groups[{i}]")
-        strategy = make_strategy(settings["strategy"]["name"])
-        strategy.load_state_dict(settings["strategy"])
-        rule_state = settings["rule"]
-        if rule_state is not None:
-            self.engine.rule.load_state_dict(rule_state)
-        schedule = Schedule()
-        schedule.load_state_dict(settings["schedule"], self._params(),
-                                 f"state_dict[{_STATE_KEY!r}]")
-        if schedule.reuse is not None and self._perturb_ids is not None:
-            raise ValueError(f"state_dict[{_STATE_KEY!r}]: schedule.reuse needs every parameter "
-                             "perturbed, this optimizer has perturb=")
+        self._check_base_state(state_dict)
+        params, _, perturb = self._per_param()
+        perturbed = [p for p, k in zip(params, perturb) if k]
+        strategy = schedule = rule_state = None
+        if settings is not None:
+            strategy = make_strategy(settings["strategy"]["name"])
+            strategy.load_state_dict(settings["strategy"])
+            rule_state = settings["rule"]
+            if rule_state is not None:  # checked on a copy: nothing changes before the end
+                probe = copy.deepcopy(self.engine.rule)
+                probe.load_state_dict(rule_state)
+                probe.check_params(perturbed, f"state_dict[{_STATE_KEY!r}]: rule")
+            schedule = Schedule()
+            schedule.load_state_dict(settings["schedule"], self._params(),
+                                     f"state_dict[{_STATE_KEY!r}]")
+            if schedule.reuse is not None and self._perturb_ids is not None:
+                raise ValueError(f"state_dict[{_STATE_KEY!r}]: schedule.reuse needs every "
+                                 "parameter perturbed, this optimizer has perturb=")
+            changed = self._changed_settings(settings, schedule)
+        # Everything is checked; from here on the state changes.
         sd = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
+        sd["param_groups"] = [{k: v for k, v in g.items() if k not in _GROUP_COUNTERS}
+                              for g in state_dict["param_groups"]]
         self.base_optimizer.load_state_dict(sd)
         self._link()
-        self.engine.micro_batches = settings["micro_batches"]
-        self.engine.micro_batch_size = settings["micro_batch_size"]
-        self.engine.strategy = self.distribution.evaluator(strategy)
-        self.engine.nonfinite = settings["nonfinite"]
-        self.max_grad_norm = settings["max_grad_norm"]
-        self.steps = settings["steps"]
-        self.skipped_steps = settings["skipped_steps"]
-        self.schedule = schedule
+        if settings is None:
+            self.steps, self.skipped_steps = counters  # type: ignore[misc]
+        else:
+            if rule_state is not None:
+                self.engine.rule.load_state_dict(rule_state)
+            self.engine.micro_batches = settings["micro_batches"]
+            self.engine.micro_batch_size = settings["micro_batch_size"]
+            self.engine.strategy = self.distribution.evaluator(strategy)
+            self.engine.nonfinite = settings["nonfinite"]
+            self.max_grad_norm = settings["max_grad_norm"]
+            self.steps = settings["steps"]
+            self.skipped_steps = settings["skipped_steps"]
+            self.schedule = schedule  # type: ignore[assignment]
+            if changed:
+                warnings.warn(
+                    "load_state_dict: the saved msam settings replace this optimizer's: "
+                    + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed)
+                    + " (settings are part of the state, so a resumed run continues as saved; "
+                    "set them again after loading to change them)", UserWarning, stacklevel=2)
         self._step = None
         self.distribution.check_settings(self)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _check_base_state(self, state_dict: Mapping[str, Any]) -> None:
+        """What ``torch.optim``'s load checks (group count and sizes), before anything changes,
+        and the shape of each parameter-shaped per-parameter entry (a wrong one would load
+        and fail at the next step with a broadcast error)."""
+        saved = state_dict["param_groups"]
+        groups = self.param_groups
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(groups):
+            n = len(saved) if isinstance(saved, (list, tuple)) else saved
+            raise ValueError(f"state_dict: has {n} param groups, this optimizer "
+                             f"{len(groups)}")
+        where: dict[Any, tuple[int, int, torch.Tensor]] = {}
+        for i, (sg, g) in enumerate(zip(saved, groups)):
+            ids = sg.get("params") if isinstance(sg, Mapping) else None
+            if not isinstance(ids, (list, tuple)) or len(ids) != len(g["params"]):
+                n = len(ids) if isinstance(ids, (list, tuple)) else ids
+                raise ValueError(f"state_dict: param_groups[{i}] has {n} parameters, this "
+                                 f"optimizer's {len(g['params'])}")
+            for k, (pid, p) in enumerate(zip(ids, g["params"])):
+                where[pid] = (i, k, p)
+        for pid, pstate in state_dict["state"].items():
+            if pid not in where or not isinstance(pstate, Mapping):
+                continue
+            i, k, p = where[pid]
+            for key in _PARAM_SHAPED_STATE:
+                v = pstate.get(key)
+                if isinstance(v, torch.Tensor) and v.shape != p.shape:
+                    raise ValueError(
+                        f"state_dict: state of parameter {pid} (param_groups[{i}] parameter "
+                        f"{k}): {key!r} has shape {tuple(v.shape)}, the parameter "
+                        f"{tuple(p.shape)}")
+
+    def _changed_settings(self, settings: Mapping[str, Any], schedule: Schedule
+                          ) -> list[tuple[str, object, object]]:
+        """The settings a load would change: ``(name, now, saved)``."""
+        def plain(rule_state: Mapping[str, Any] | None) -> dict[str, Any]:
+            return {k: v for k, v in (rule_state or {}).items()
+                    if isinstance(v, (str, int, float, bool, type(None)))}
+
+        now = {"micro_batches": self.engine.micro_batches,
+               "micro_batch_size": self.engine.micro_batch_size,
+               "max_grad_norm": self.max_grad_norm, "nonfinite": self.engine.nonfinite}
+        out: list[tuple[str, object, object]] = [
+            (k, v, settings[k]) for k, v in now.items() if v != settings[k]]
+        rule_now, rule_saved = plain(self.engine.rule.state_dict()), plain(settings["rule"])
+        if rule_saved and rule_now != rule_saved:
+            out.append(("rule", rule_now, rule_saved))
+        sched_now, sched_saved = (
+            {k: v for k, v in sc.state_dict().items() if k != "direction"}
+            for sc in (self.schedule, schedule))
+        if sched_now != sched_saved:
+            out.append(("schedule", sched_now, sched_saved))
+        return out
+
+    def _is_state_init(self) -> bool:
+        """A ``step()`` that cannot change anything: nothing accumulated, every group's ``lr``
+        0 and every gradient zero (how DCP initialises optimizer state; see ``_step_entry``)."""
+        return (not self.pending and self._two_step is None
+                and all("lr" in g and _is_zero(g["lr"]) for g in self.param_groups)
+                and all(p.grad is not None and p.grad.layout == torch.strided
+                        and not bool(p.grad.any()) for p in self._params()))
+
+    # -- copy / pickle --------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything (``torch.optim.Optimizer`` keeps only ``defaults``, ``state`` and
+        ``param_groups``, which lost the base optimizer, engine and schedule), less the hooks
+        (as torch.optim), the last result and an LR scheduler's wrapper of ``step``. The
+        ``perturb=`` subset is kept as positions (it is held by ``id``)."""
+        if self._two_step is not None:
+            raise RuntimeError("copy/pickle between first_step() and second_step(): the "
+                               "weights are perturbed; call second_step() first")
+        state = {k: v for k, v in self.__dict__.items() if k not in _NOT_COPIED}
+        if self._perturb_ids is not None:
+            ids = self._perturb_ids
+            state["_perturb_ids"] = [k for k, p in enumerate(_group_params(self.param_groups))
+                                     if id(p) in ids]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        positions = state.pop("_perturb_ids", None)
+        Optimizer.__setstate__(self, state)   # new hook tables, torch's step wrapper
+        if positions is not None:
+            params = _group_params(self.param_groups)
+            self._perturb_ids = {id(params[k]) for k in positions}
+        else:
+            self._perturb_ids = None
+        self.last_result = None
 
     def __repr__(self) -> str:
         return (
@@ -577,6 +816,81 @@ class MSAM(Optimizer):
             f"strategy={self.engine.strategy_name!r}"
             + ("" if self.schedule.trivial else f", schedule={self.schedule!r}") + ")"
         )
+
+
+@contextlib.contextmanager
+def _global_step_hooks_held() -> Any:
+    """Hold torch.optim's global step hooks back (``register_optimizer_step_pre_hook`` /
+    ``_post_hook``) while an MSAM step runs: torch's wrapper of ``MSAM.step`` has called them
+    once for this step, and the base optimizer's step inside it would call them again. Hooks
+    registered meanwhile are kept. (Module-level tables: another thread's optimizer stepping
+    at the same moment would not see them either.)"""
+    tables: tuple[dict[Any, Any], ...] = (
+        _torch_optimizer._global_optimizer_pre_hooks,  # type: ignore[assignment]
+        _torch_optimizer._global_optimizer_post_hooks)
+    saved = [dict(t) for t in tables]
+    for t in tables:
+        t.clear()
+    try:
+        yield
+    finally:
+        for t, held in zip(tables, saved):
+            added = dict(t)
+            t.clear()
+            t.update(held)
+            t.update(added)
+
+
+def _step_entry(step: Callable[..., Any]) -> Callable[..., Any]:
+    """Around ``MSAM.step`` (torch.optim wraps this once more with its hooks):
+
+    * global step hooks fire once per MSAM step (not again for the inner base step);
+    * ``step()`` / ``step(closure=None)`` (every argument None; subclasses pass theirs on)
+      that cannot change anything -- every group's ``lr``
+      is 0 and every gradient is zero, which is how ``torch.distributed.checkpoint``
+      initialises an optimizer's state (``_init_optim_state``) -- steps the base optimizer
+      once to create its state (momentum buffers, Adam moments) instead of raising; msam's
+      counters do not move. Any other ``step()`` without ``loss_fn`` is refused as before.
+    """
+    @functools.wraps(step)
+    def wrapper(self: MSAM, *args: Any, **kwargs: Any) -> Any:
+        with _global_step_hooks_held():
+            if all(a is None for a in (*args, *kwargs.values())) and self._is_state_init():
+                self.base_optimizer.step()
+                return None
+            return step(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _is_zero(x: Any) -> bool:
+    return (not isinstance(x, bool) and isinstance(x, (int, float)) and x == 0) or (
+        isinstance(x, torch.Tensor) and x.numel() == 1 and bool(x == 0))
+
+
+MSAM.step = _step_entry(MSAM.step)  # type: ignore[method-assign]
+
+
+def _group_params(groups: Iterable[Mapping[str, Any]]) -> list[torch.Tensor]:
+    return [p for g in groups for p in g["params"]]
+
+
+def _group_counters(groups: Any) -> tuple[int, int] | None:
+    """The step counters written into every saved param group, or None when absent (the
+    state was not saved by an MSAM); refused when the groups disagree or a value is invalid."""
+    if not isinstance(groups, (list, tuple)) or not groups or not all(
+            isinstance(g, Mapping) and _GROUP_COUNTERS[0] in g for g in groups):
+        return None
+    values = {(g[_GROUP_COUNTERS[0]], g.get(_GROUP_COUNTERS[1], 0)) for g in groups}
+    for steps, skipped in values:
+        for name, v in zip(_GROUP_COUNTERS, (steps, skipped)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"state_dict: param group {name!r} must be an integer >= 0, "
+                                 f"got {v!r}")
+    if len(values) != 1:
+        raise ValueError(f"state_dict: the param groups disagree on {_GROUP_COUNTERS}: "
+                         f"{sorted(values)}")
+    return next(iter(values))
 
 
 def _make_schedule(schedule: Schedule | None, every: Any, start_step: Any, reuse: Any,
@@ -598,6 +912,11 @@ def _validated_settings(extra: Mapping[str, Any]) -> dict[str, Any]:
     if version not in (1, _STATE_VERSION):
         raise ValueError(f"{where}: unknown version {version!r} (this msam reads 1 and "
                          f"{_STATE_VERSION})")
+    missing = [k for k in _REQUIRED_KEYS[version] if k not in extra]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(repr(k) for k in missing)} (a version-"
+                         f"{version} msam state has {list(_REQUIRED_KEYS[version])}); it was "
+                         "not written by MSAM.state_dict or was edited")
     mb = validate_count(extra.get("micro_batches"), f"{where}: micro_batches")
     mbs = validate_count(extra.get("micro_batch_size"), f"{where}: micro_batch_size")
     if mb is not None and mbs is not None:
