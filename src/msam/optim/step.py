@@ -205,9 +205,10 @@ class Step:
                 if bad is not None:
                     raise NonFiniteLossError(*bad)
         except BaseException as err:
-            with torch.no_grad():
-                torch._foreach_copy_([local(params[i]) for i in perturbed],
-                                     [local(b) for b in ctx.backup])
+            if perturbed:
+                with torch.no_grad():
+                    torch._foreach_copy_([local(params[i]) for i in perturbed],
+                                         [local(b) for b in ctx.backup])
             if first and self.fresh:  # hand the old gradients back
                 for p, g in zip(params, self.before or []):
                     p.grad = g
