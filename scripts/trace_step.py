@@ -68,6 +68,10 @@ def main() -> None:
     print(f"files: {len(files)}")
     for f in files:
         print(f"  {Path(f).relative_to(PKG)}: {sum(1 for g, _ in lines if g == f)} lines")
+    if "--show" in sys.argv:
+        import linecache
+        for f, n in sorted(lines):
+            print(f"{Path(f).relative_to(PKG)}:{n}: {linecache.getline(f, n).rstrip()}")
     print(f"depth of the frame that calls direction (step = 0): {max(e_depth) if e_depth else None}")
 
 

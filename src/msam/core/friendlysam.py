@@ -68,8 +68,8 @@ class FriendlySAMRule(PerturbationRule):
                 dirs.append(None)
                 continue
             m = self._ema(i, g)
-            dirs.append(g * keep if m is None else torch.add(g * keep, m,
-                                                              alpha=-self.lmbda * self.sigma))
+            d = g * keep   # a new tensor: the SAM step may write e_j into it
+            dirs.append(d if m is None else d.add_(m, alpha=-self.lmbda * self.sigma))
         # Each direction is a new tensor: the SAM step may write e_j into it.
         return self._sam(dirs, params, groups, owned=True)
 

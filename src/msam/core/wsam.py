@@ -82,8 +82,10 @@ class WSAMRule(SAMRule):
                 to_grad.append(c)
                 to_weights.append(None)
                 continue
-            sg = g * scale
-            to_weights.append((c - sg).mul_(self.beta))
+            # c (this micro-batch's scaled h_j) and g_j are the step's own: c holds the
+            # decoupled part in place, and at scale 1 (one micro-batch) g_j is the gradient.
+            sg = g if isinstance(scale, float) and scale == 1.0 else g * scale
+            to_weights.append(c.sub_(sg).mul_(self.beta))
             to_grad.append(sg)
         return to_grad, to_weights
 

@@ -392,8 +392,13 @@ class Step:
         if self.decoupled is None:
             return
         for p, d, group in zip(self.params, self.decoupled, self.groups):
-            if d is not None:
-                p.sub_(d.to(p.dtype) * group["lr"])
+            if d is None:
+                continue
+            lr = group["lr"]
+            if d.dtype == p.dtype and isinstance(lr, (int, float)):
+                p.add_(d, alpha=-lr)
+            else:
+                p.sub_(d.to(p.dtype) * lr)
 
     def commit(self, schedule: Any = None) -> None:
         """After the base step: write the BatchNorm statistics, the rule's statistics and the
