@@ -22,13 +22,14 @@ SRC = ROOT / "src" / "msam"
 STRICT = "tests/test_reference_strict.py"
 MATRIX = "tests/test_optimizer_matrix.py"
 CONFORMANCE = "tests/test_optim_conformance.py"
+DIST = "tests/test_distributed.py"
 
 # name: (file, old, new, tests)
 MUTANTS = {
     "eps_outside": ("core/perturbation.py", "(rho / (norm + EPS))", "(rho / norm + EPS)",
                     [STRICT]),
     "eps_bigger": ("core/perturbation.py", "EPS = 1e-12", "EPS = 1e-8", [STRICT]),
-    "weights_1_over_m": ("optim/engine.py", "[(mb, n_j / n) for mb, n_j in",
+    "weights_1_over_m": ("optim/step.py", "[(mb, n_j / n) for mb, n_j in",
                          "[(mb, 1.0 / self.num_micro_batches(n)) for mb, n_j in",
                          [MATRIX, STRICT]),
     "perturb_ignored": ("optim/msam.py",
@@ -37,9 +38,9 @@ MUTANTS = {
     "no_ascent_unscale": ("strategies/base.py",
                           "        if self.loss_scale is None:\n            return grads\n",
                           "        if True:\n            return grads\n", [STRICT]),
-    "no_ascent_norm_check": ("optim/engine.py",
+    "no_ascent_norm_check": ("optim/step.py",
                              'flags.check(norm, "ascent", j, "gradient")', "pass", [STRICT]),
-    "no_final_grad_check": ("optim/engine.py",
+    "no_final_grad_check": ("optim/step.py",
                             "flags.check_grads([None if p.grad is None else local(p.grad) "
                             "for p in ctx.params])", "pass", [STRICT]),
     "vmap_ignores_grad_weight": ("strategies/vmap.py",
@@ -47,8 +48,8 @@ MUTANTS = {
                                  "ctx.micro_batches[j][1]", [STRICT]),
     "loop_ignores_grad_weight": ("strategies/loop.py", "loss * (weight * ctx.grad_weight)",
                                  "loss * weight", [STRICT]),
-    "accumulate_no_rollback": ("optim/engine.py", "            undo_grads()\n            raise",
-                               "            raise", [STRICT]),
+    "accumulate_no_rollback": ("optim/step.py", "                self._restore(saved)",
+                               "                pass", [STRICT]),
     "bn_stats_from_perturbed": ("strategies/loop.py",
                                 "ctx.bn.pass_(record=False):\n            del e_j",
                                 "ctx.bn.pass_(record=True):\n            del e_j", [STRICT]),
@@ -72,6 +73,23 @@ MUTANTS = {
                                 + "::test_mutant_clipping_acts_on_the_unscaled_gradient"]),
     "gsam_rho_not_clipped": ("core/gsam.py", "    frac = min(1.0, max(0.0, frac))\n", "",
                              [CONFORMANCE + "::test_mutant_gsam_rho_schedule_is_clipped"]),
+    # Core v3
+    "split_outside_agreement": ("optim/step.py",
+                                "            with cfg.strategy.session(None):  # type: ignore"
+                                "[arg-type]\n                raise",
+                                "            raise", [DIST + "::test_failure_before_any_collective"
+                                                     "_stops_every_rank"]),
+    "no_settings_check": ("distributed/optimizer.py", "        distribution.check_settings(self)\n",
+                          "", [DIST + "::test_ranks_with_different_settings_are_refused_on_"
+                               "every_rank"]),
+    "bn_commit_skipped": ("optim/step.py", "        for bn in self.bn:\n            bn.commit()",
+                          "        for bn in []:\n            bn.commit()",
+                          ["tests/test_batchnorm_policy.py"]),
+    "usam_normalised": ("core/usam.py", 'g * float(group["rho"])',
+                        'g * float(group["rho"]) / (norm + 1e-12)', ["tests/test_usam.py"]),
+    "rollback_keeps_grads": ("optim/step.py",
+                             "        self.undo_reuse()\n        if self.before is not None:",
+                             "        self.undo_reuse()\n        if False:", [STRICT]),
 }
 
 

@@ -72,7 +72,8 @@ def main() -> None:
         import linecache
         for f, n in sorted(lines):
             print(f"{Path(f).relative_to(PKG)}:{n}: {linecache.getline(f, n).rstrip()}")
-    print(f"depth of the frame that calls direction (step = 0): {max(e_depth) if e_depth else None}")
+    deepest = max(e_depth) if e_depth else None
+    print(f"depth of the frame that calls direction (step = 0): {deepest}")
 
 
 if __name__ == "__main__":
