@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--strategies", default="loop",
+                    help="comma-separated; MODEL:STRATEGY limits one to a model (mlp:lowrank)")
     args = ap.parse_args()
     if args.make_copy:
         make_copy(args.make_copy, args.into)
@@ -62,16 +64,20 @@ def main() -> None:
     ms = [int(x) for x in args.m.split(",")]
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch_size}, "
           f"{args.rounds} rounds; ratio = after / before (median of per-round ratios)")
-    print("| model | m | before (ms) | after (ms) | after / before |")
-    print("|---|---:|---:|---:|---:|")
+    print("| model | strategy | m | before (ms) | after (ms) | after / before |")
+    print("|---|---|---:|---:|---:|---:|")
+    ratios = []
     for name in args.models.split(","):
         wl = build_workload(name, args.batch_size)
+        strategies = [s.split(":")[-1] for s in args.strategies.split(",")
+                      if ":" not in s or s.split(":")[0] == name]
         opts = {}
         for tag, lib in (("before", before), ("after", msam)):
             for m in ms:
-                opts[(tag, m)] = lib.MSAM(wl.model.parameters(), torch.optim.SGD, rho=0.05,
-                                          micro_batches=m, lr=1e-3, momentum=0.9,
-                                          model=wl.model)
+                for st in strategies:
+                    opts[(tag, m, st)] = lib.MSAM(
+                        wl.model.parameters(), torch.optim.SGD, rho=0.05, micro_batches=m,
+                        lr=1e-3, momentum=0.9, model=wl.model, strategy=st)
         times: dict = {k: [] for k in opts}
         keys = list(opts)
         for r in range(args.rounds + 1):
@@ -82,11 +88,14 @@ def main() -> None:
                 dt = time.perf_counter() - t0
                 if r > 0:  # round 0 warms up
                     times[k].append(dt)
-        for m in ms:
-            b, a = times[("before", m)], times[("after", m)]
-            ratio = statistics.median(x / y for x, y in zip(a, b))
-            print(f"| {name} | {m} | {1e3 * statistics.median(b):.1f} | "
-                  f"{1e3 * statistics.median(a):.1f} | {ratio:.3f} |", flush=True)
+        for st in strategies:
+            for m in ms:
+                b, a = times[("before", m, st)], times[("after", m, st)]
+                ratio = statistics.median(x / y for x, y in zip(a, b))
+                ratios.append(ratio)
+                print(f"| {name} | {st} | {m} | {1e3 * statistics.median(b):.1f} | "
+                      f"{1e3 * statistics.median(a):.1f} | {ratio:.3f} |", flush=True)
+    print(f"median of the ratios: {statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":

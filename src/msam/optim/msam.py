@@ -291,12 +291,12 @@ class MSAM(Optimizer):
     # (inside ``Optimizer.__init__``) they are held here.
     @property  # type: ignore[override]
     def param_groups(self) -> list[dict[str, Any]]:
-        base = self.__dict__.get("base_optimizer")
+        base = getattr(self, "base_optimizer", None)  # a wrapper may forward it (Lightning)
         return self.__dict__["_early_param_groups"] if base is None else base.param_groups
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
-        base = self.__dict__.get("base_optimizer")
+        base = getattr(self, "base_optimizer", None)  # a wrapper may forward it (Lightning)
         if base is None:
             self.__dict__["_early_param_groups"] = value
         else:
@@ -304,12 +304,12 @@ class MSAM(Optimizer):
 
     @property  # type: ignore[override]
     def state(self) -> Any:
-        base = self.__dict__.get("base_optimizer")
+        base = getattr(self, "base_optimizer", None)  # a wrapper may forward it (Lightning)
         return self.__dict__["_early_state"] if base is None else base.state
 
     @state.setter
     def state(self, value: Any) -> None:
-        base = self.__dict__.get("base_optimizer")
+        base = getattr(self, "base_optimizer", None)  # a wrapper may forward it (Lightning)
         if base is None:
             self.__dict__["_early_state"] = value
         else:
