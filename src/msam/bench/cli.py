@@ -190,11 +190,12 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     bad = [s for s in args.strategies or () if s not in known]
     if bad:
         return err(f"unknown strategy {', '.join(bad)}; valid: loop, vmap, batched, lowrank, auto")
-    from msam.bench.workloads import VARIANT_NAMES
+    from msam.bench.workloads import variant_names
 
-    bad = [v for v in args.variants or () if v not in VARIANT_NAMES]
+    names = variant_names()  # the rule registry
+    bad = [v for v in args.variants or () if v not in names]
     if bad:
-        return err(f"unknown variant {', '.join(bad)}; valid: {', '.join(VARIANT_NAMES)}")
+        return err(f"unknown variant {', '.join(bad)}; valid: {', '.join(names)}")
     if args.batch_size < 1:
         return err("--batch-size must be >= 1")
     for flag in ("steps", "warmup"):

@@ -209,12 +209,21 @@ class Method:
                 return f"{who}, {self.reuse} reuse, every {self.every}"
             return f"{who}, every {self.every} steps"
         if self.kind == "variant":
-            return f"{VARIANT_NAMES.get(str(self.rule), str(self.rule))} {self.strategy} m={self.m}"
+            name = variant_names().get(str(self.rule), str(self.rule))
+            return f"{name} {self.strategy} m={self.m}"
         return f"mSAM {self.strategy} m={self.m}"
 
 
-#: Display names of the SAM family's rules.
-VARIANT_NAMES = {"gsam": "GSAM", "friendlysam": "FriendlySAM", "wsam": "WSAM", "gcsam": "GCSAM"}
+def variant_names() -> dict[str, str]:
+    """Display names of the SAM family's rules, from the registry (``msam.core.RULES``; SAM and
+    ASAM are methods of their own here)."""
+    from msam.core.registry import RULES
+
+    return {name: cls.title or name for name, cls in RULES.items() if name not in ("sam", "asam")}
+
+
+#: Display names of the SAM family's rules (at import; see :func:`variant_names`).
+VARIANT_NAMES = variant_names()
 
 
 def make_methods(

@@ -43,6 +43,7 @@ class FriendlySAMRule(PerturbationRule):
     """FriendlySAM: ``e_j = rho d_j / ||d_j||``, ``d_j = g_j - sigma m`` (module docstring)."""
 
     name = "friendlysam"
+    title = "FriendlySAM"
     observes = True
 
     def __init__(self, sigma: float = 1.0, lmbda: float = 0.9) -> None:

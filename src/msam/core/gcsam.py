@@ -39,6 +39,7 @@ class GCSAMRule(PerturbationRule):
     """GCSAM: ``e = rho GC(g) / (||GC(g)|| + 1e-12)`` (see the module docstring)."""
 
     name = "gcsam"
+    title = "GCSAM"
     elementwise = True  # per output row: a Shard(0) shard holds whole rows
 
     def direction(self, g, w, group):

@@ -65,6 +65,7 @@ class GSAMRule(SAMRule):
     """GSAM: ``h_j - alpha * g_perp_j`` per micro-batch (see the module docstring)."""
 
     name = "gsam"
+    title = "GSAM"
     combines = True
 
     def __init__(self, alpha: float = 0.05) -> None:

@@ -182,6 +182,8 @@ class PerturbationRule:
     """
 
     name = "base"
+    #: The name in tables and plots (``None``: :attr:`name`).
+    title: str | None = None
     #: A rule that also changes how ``h_j`` is used sets this and implements :meth:`combine`:
     #: the engine then keeps ``g_j`` (it calls the rule with ``owned=False``) and asks the
     #: evaluator for each micro-batch's ``h_j`` separately (see docs/core.md).
@@ -304,6 +306,7 @@ class SAMRule(PerturbationRule):
     """SAM: ``e = rho * g / (||g|| + 1e-12)`` (Foret et al., ICLR 2021)."""
 
     name = "sam"
+    title = "SAM"
     elementwise = True
 
     def direction(self, g, w, group):
@@ -320,6 +323,7 @@ class ASAMRule(PerturbationRule):
     """
 
     name = "asam"
+    title = "ASAM"
     elementwise = True
 
     def direction(self, g, w, group):

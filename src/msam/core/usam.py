@@ -25,6 +25,7 @@ class USAMRule(PerturbationRule):
     """USAM: ``e = rho g`` (see the module docstring)."""
 
     name = "usam"
+    title = "USAM"
     elementwise = True
 
     @torch.no_grad()

@@ -56,6 +56,7 @@ class WSAMRule(SAMRule):
     ``(1 - beta) g_j + beta h_j``."""
 
     name = "wsam"
+    title = "WSAM"
     combines = True
 
     def __init__(self, gamma: float = 0.9, decoupled: bool = True) -> None:
