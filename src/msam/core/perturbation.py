@@ -200,6 +200,11 @@ class PerturbationRule:
     #: ``direction`` and ``norm_terms`` act element by element (or within a row), so the rule
     #: is correct on shards of the parameters (FSDP); see :mod:`msam.core.registry`.
     elementwise = False
+    #: The rule takes the ascent gradient ``g_j`` (one pass at ``w`` per micro-batch). A rule
+    #: whose direction comes from the base optimizer's state instead (Momentum-SAM) sets
+    #: ``False`` and implements ``offset(params, groups, optimizer_state) -> (e, norm) | None``:
+    #: the step is then one pass at ``w + e`` (at ``w`` when ``offset`` returns ``None``).
+    ascent = True
 
     def direction(self, g: torch.Tensor, w: torch.Tensor, group: Mapping[str, Any]
                   ) -> torch.Tensor:
@@ -208,6 +213,13 @@ class PerturbationRule:
     def norm_terms(self, g: torch.Tensor, w: torch.Tensor, group: Mapping[str, Any]
                    ) -> torch.Tensor:
         raise NotImplementedError
+
+    def offset(self, params: Sequence[torch.Tensor], groups: Sequence[Mapping[str, Any]],
+               state: Mapping[Any, Mapping[str, Any]]
+               ) -> tuple[list[torch.Tensor | None], torch.Tensor] | None:
+        """(rules with ``ascent = False``) ``(e, norm)`` from the base optimizer's per-parameter
+        ``state``, or ``None`` for a plain step at ``w``."""
+        raise NotImplementedError  # pragma: no cover - interface
 
     @torch.no_grad()
     def __call__(self, grads: Tensors, params: Sequence[torch.Tensor],

@@ -277,6 +277,10 @@ class MSAM(Optimizer):
                              "ones); drop perturb= or reuse")
         if self.schedule.reuse is not None:
             check_support(self.engine.rule, where="reuse")
+        check_support(self.engine.rule, where="optimizer", optimizer=base,
+                      micro_batches=self.engine.micro_batches,
+                      micro_batch_size=self.engine.micro_batch_size,
+                      strategy=self.engine.strategy.name)
         #: The step under way: accumulate() calls not yet finished by step().
         self._step: Step | None = None
         self._two_step: tuple[Step, list[torch.Tensor], list[torch.Tensor], Any] | None = None
@@ -379,7 +383,8 @@ class MSAM(Optimizer):
         self.distribution.begin_step(params)
         return Step(self.engine, params, groups, perturb,
                     perturbs=self.schedule.perturbs(self.steps), scaler=scaler, fresh=fresh,
-                    keep_clean=self.schedule.reuse is not None)
+                    keep_clean=self.schedule.reuse is not None,
+                    optimizer_state=self.base_optimizer.state)
 
     def accumulate(
         self,

@@ -149,7 +149,8 @@ class Step:
     def __init__(self, cfg: GradientConfig, params: Sequence[torch.Tensor],
                  groups: Sequence[Mapping[str, Any]], perturb: Sequence[bool], *,
                  perturbs: bool = True, scaler: Any = None, fresh: bool = True,
-                 keep_clean: bool = False) -> None:
+                 keep_clean: bool = False,
+                 optimizer_state: Mapping[Any, Mapping[str, Any]] | None = None) -> None:
         self.cfg, self.rule = cfg, cfg.rule
         self.params, self.groups = list(params), list(groups)
         self.perturbed = [i for i, k in enumerate(perturb) if k]
@@ -157,6 +158,7 @@ class Step:
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.fresh = fresh
         self.keep_clean = perturbs and (keep_clean or self.rule.observes)
+        self.optimizer_state = optimizer_state  # (rules without an ascent pass) their source
         self.before: Grads | None = None    # .grad when the step began (rollback's target)
         self.bn: list[BatchNormStep] = []   # the statistics of each gradient computation
         self.clean: Grads | None = None     # sum_j weight (n_j / n) g_j (perturbed params)
@@ -240,6 +242,8 @@ class Step:
             elif not active:  # rho = 0 or an off-step: h_j = g_j, one pass at w
                 losses, losses_p = strategy.descent(ctx, idx, None), []
                 flags.check_all(losses, "ascent", idx, "loss")
+            elif not rule.ascent:  # e from the optimizer's state (Momentum-SAM): one pass
+                losses, losses_p = self._one_pass(strategy, ctx, idx, groups), []
             else:
                 losses, e, kept = [], [], []
                 for j, (loss_j, g_j) in zip(idx, strategy.ascent(ctx, idx)):   # g_j
@@ -264,6 +268,22 @@ class Step:
         if self.decoupled is not None:  # h_j reaches the weights through d too
             flags.check_grads(self.decoupled)
         return total
+
+    def _one_pass(self, strategy: Strategy, ctx: StepContext, idx: list[int],
+                  groups: list[Mapping[str, Any]]) -> list[torch.Tensor]:
+        """A rule without an ascent pass: ``e = rule.offset(...)``, shared by the whole batch;
+        one pass at ``w + e`` whose statistics are the step's (at ``w`` before any momentum)."""
+        out = self.rule.offset(ctx.pert_params, groups, self.optimizer_state or {})
+        if out is None:
+            losses = strategy.descent(ctx, idx, None)
+            ctx.flags.check_all(losses, "ascent", idx, "loss")
+            return losses
+        e, norm = out
+        ctx.flags.check(norm, "ascent", idx[0], "gradient")
+        ctx.perturbed_stats = True
+        losses = strategy.descent(ctx, idx, [list(e) for _ in idx])
+        ctx.flags.check_all(losses, "perturbed", idx, "loss")
+        return losses
 
     @torch.no_grad()
     def _observe(self, g: Grads, c: float) -> bool:

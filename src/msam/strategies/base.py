@@ -53,6 +53,9 @@ class StepContext:
     loss_scale: torch.Tensor | None = None  # GradScaler scale on the device (None: no scaler)
     grad_weight: float = 1.0                # e.g. 1/k for k accumulation calls
     model: nn.Module | None = None
+    #: The pass at w + e_j is the step's only pass (Momentum-SAM): its BatchNorm statistics
+    #: are the step's.
+    perturbed_stats: bool = False
 
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` times the GradScaler scale (a device tensor: no host sync)."""

@@ -58,7 +58,7 @@ class ClosureStrategy(Strategy):
                 loss, grads = self._call(ctx, ctx.params, coef)
         else:
             e, offsets[0] = offsets[0], []
-            with moved_to(ctx, e), ctx.bn.pass_(record=False):
+            with moved_to(ctx, e), ctx.bn.pass_(record=ctx.perturbed_stats):
                 del e
                 loss, grads = self._call(ctx, ctx.params, coef)
         with torch.no_grad():

@@ -53,7 +53,7 @@ class LoopStrategy(Strategy):
             with ctx.bn.pass_(record=True):
                 return [self._backward(ctx, j)]
         e_j, offsets[0] = offsets[0], []   # take it: the pass runs with e_j freed
-        with moved_to(ctx, e_j), ctx.bn.pass_(record=False):
+        with moved_to(ctx, e_j), ctx.bn.pass_(record=ctx.perturbed_stats):
             del e_j
             return [self._backward(ctx, j)]
 
