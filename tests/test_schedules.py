@@ -426,3 +426,32 @@ def test_off_step_nonfinite_skip_and_grad_scaler():
         scaler.update()
         opt_r.step(lambda b: _loss_of(model_r, b), _data(t))
     _assert_same(model_s, model_r, tol=1e-9)
+
+
+def test_reuse_off_step_whose_base_step_fails_leaves_the_plain_gradient():
+    """The reuse term is added to .grad in place (no copy of the gradient). When the base step
+    then raises: after step(loss_fn, batch) .grad is as before the call; after accumulate() +
+    step() it is the accumulated plain gradient again (the term taken out, to rounding), ready
+    for another step(). The weights never move."""
+    model = _model()
+    opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=RHO, micro_batches=M, every=3,
+                    reuse="looksam", **SGD)
+    opt.step(lambda b: _loss_of(model, b), _data(0))               # step 0 makes g_v
+    before = [p.grad.clone() for p in model.parameters()]
+    w = [p.detach().clone() for p in model.parameters()]
+    real = opt.base_optimizer.step
+    opt.base_optimizer.step = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("base"))
+    with pytest.raises(RuntimeError, match="base"):
+        opt.step(lambda b: _loss_of(model, b), _data(1))           # an off-step
+    for p, g, w0 in zip(model.parameters(), before, w):
+        assert torch.equal(p.grad, g) and torch.equal(p.detach(), w0)
+    opt.accumulate(lambda b: _loss_of(model, b), _data(1))
+    with pytest.raises(RuntimeError, match="base"):
+        opt.step()
+    plain = torch.autograd.grad(_loss_of(model, _data(1)), list(model.parameters()))
+    for p, g, w0 in zip(model.parameters(), plain, w):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-14)
+        assert torch.equal(p.detach(), w0)
+    opt.base_optimizer.step = real
+    opt.step()                                                     # and it goes on
+    assert opt.steps == 2

@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 
+from msam.core.perturbation import global_norm
+
 __all__ = ["REUSE", "Schedule", "validate_schedule_state"]
 
 REUSE = ("looksam",)
@@ -126,8 +128,8 @@ class Schedule:
         """Before the base step, with the step's gradient in ``p.grad`` and its clean gradient
         ``clean = sum_j (n_j / n) g_j``: on a perturbation step return the new direction
         ``g_v`` (the step keeps it until it commits; ``None`` when nothing was perturbed); on
-        an off-step replace ``p.grad`` by ``g + alpha ||g|| / ||g_v|| g_v`` and return the
-        replaced gradients (for a rollback). ``(direction, replaced)``."""
+        an off-step add ``alpha ||g|| / ||g_v|| g_v`` to ``p.grad`` in place and return what
+        :meth:`undo` needs. ``(direction, undo_info)``."""
         if perturbed:
             if clean is None:  # rho = 0: nothing was perturbed, so nothing to reuse
                 return None, None
@@ -142,16 +144,35 @@ class Schedule:
             return new, None
         if self.direction is None:
             return None, None
-        saved = [p.grad for p in params]
-        g = [torch.zeros_like(p) if s is None else s for p, s in zip(params, saved)]
-        gnorm = _dot(g, g, params).sqrt()
+        # g + alpha ||g|| / ||g_v|| g_v, in place in the step's own gradient (no new buffer):
+        # one fused norm pass over g and one multiply-add with g_v.
+        grads = [p.grad for p in params]
+        gnorm = global_norm([g for g in grads if g is not None]).to(params[0].device)
         vnorm = self._direction_norm
         if vnorm is None:
             vnorm = self._direction_norm = _dot(self.direction, self.direction, params).sqrt()
         c = self.reuse_alpha * gnorm / (vnorm + _EPS)
-        for p, gi, v in zip(params, g, self.direction):
-            p.grad = gi if v is None else gi + c.to(gi.dtype) * v
-        return None, saved
+        for p, g, v in zip(params, grads, self.direction):
+            if v is None:
+                continue
+            if g is None:
+                p.grad = v * c.to(v.dtype)
+            else:
+                g.addcmul_(v, c.to(g.dtype))
+        return None, (c, grads)
+
+    @torch.no_grad()
+    def undo(self, params: Sequence[torch.Tensor], replaced: Any) -> None:
+        """Take the reuse term out of ``.grad`` again (the base step failed): ``g`` up to
+        rounding (the off-step's gradient was changed in place, to keep no copy of it)."""
+        c, grads = replaced
+        for p, g, v in zip(params, grads, self.direction or []):
+            if v is None:
+                continue
+            if g is None:
+                p.grad = None
+            else:
+                g.addcmul_(v, -c.to(g.dtype))
 
     def set_direction(self, direction: list[torch.Tensor | None] | None,
                       params: Sequence[torch.Tensor]) -> None:

@@ -163,7 +163,8 @@ class Step:
         self.bn: list[BatchNormStep] = []   # the statistics of each gradient computation
         self.clean: Grads | None = None     # sum_j weight (n_j / n) g_j (perturbed params)
         self.decoupled: Grads | None = None  # d per parameter, unscaled
-        self.grads_before_base: Grads | None = None  # .grad a schedule replaced (rollback)
+        self.schedule: Any = None           # a reuse schedule (set by reuse())
+        self.reused: Any = None             # what the reuse schedule's undo needs
         self.direction: Any = None          # a reuse schedule's new direction (commit)
         self.calls = 0
         self.skipped = False
@@ -395,15 +396,14 @@ class Step:
         an off-step ``.grad`` gets the old direction added (undone by :meth:`undo_reuse`)."""
         if schedule is None or schedule.reuse is None:
             return
-        self.direction, self.grads_before_base = schedule.prepare(
-            self.params, self.clean, self.perturbs)
+        self.schedule = schedule
+        self.direction, self.reused = schedule.prepare(self.params, self.clean, self.perturbs)
 
     def undo_reuse(self) -> None:
-        """The base step failed: ``.grad`` as before :meth:`reuse`."""
-        if self.grads_before_base is not None:
-            for p, g in zip(self.params, self.grads_before_base):
-                p.grad = g
-        self.grads_before_base, self.direction = None, None
+        """The base step failed: take the reuse term out of ``.grad`` again."""
+        if self.reused is not None:
+            self.schedule.undo(self.params, self.reused)
+        self.reused, self.direction = None, None
 
     @torch.no_grad()
     def apply_decoupled(self) -> None:
@@ -430,7 +430,7 @@ class Step:
         if schedule is not None and schedule.reuse is not None and self.perturbs:
             schedule.set_direction(self.direction, self.params)
         self.bn, self.clean, self.decoupled, self.direction = [], None, None, None
-        self.grads_before_base = None
+        self.reused = None
 
     def rollback(self) -> None:
         """Put ``.grad`` back as it was when the step began; nothing else was written."""
