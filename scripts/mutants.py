@@ -74,6 +74,9 @@ MUTANTS = {
     "gsam_rho_not_clipped": ("core/gsam.py", "    frac = min(1.0, max(0.0, frac))\n", "",
                              [CONFORMANCE + "::test_mutant_gsam_rho_schedule_is_clipped"]),
     # Core v3
+    "reuse_not_undone": ("optim/step.py", "            self.schedule.undo(self.params, self.reused)",
+                         "            pass", ["tests/test_schedules.py::test_reuse_off_step_whose_"
+                                             "base_step_fails_leaves_the_plain_gradient"]),
     "split_outside_agreement": ("optim/step.py",
                                 "            with cfg.strategy.session(None):  # type: ignore"
                                 "[arg-type]\n                raise",
@@ -89,7 +92,9 @@ MUTANTS = {
                         'g * float(group["rho"]) / (norm + 1e-12)', ["tests/test_usam.py"]),
     "rollback_keeps_grads": ("optim/step.py",
                              "        self.undo_reuse()\n        if self.before is not None:",
-                             "        self.undo_reuse()\n        if False:", [STRICT]),
+                             "        self.undo_reuse()\n        if False:",
+                             ["tests/test_schedules.py::test_reuse_off_step_whose_base_step_"
+                              "fails_leaves_the_plain_gradient"]),
 }
 
 
