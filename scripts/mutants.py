@@ -74,7 +74,8 @@ MUTANTS = {
     "gsam_rho_not_clipped": ("core/gsam.py", "    frac = min(1.0, max(0.0, frac))\n", "",
                              [CONFORMANCE + "::test_mutant_gsam_rho_schedule_is_clipped"]),
     # Core v3
-    "reuse_not_undone": ("optim/step.py", "            self.schedule.undo(self.params, self.reused)",
+    "reuse_not_undone": ("optim/step.py",
+                         "            self.schedule.undo(self.params, self.reused)",
                          "            pass", ["tests/test_schedules.py::test_reuse_off_step_whose_"
                                              "base_step_fails_leaves_the_plain_gradient"]),
     "split_outside_agreement": ("optim/step.py",
