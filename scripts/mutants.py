@@ -51,7 +51,7 @@ MUTANTS = {
     "accumulate_no_rollback": ("optim/step.py", "                self._restore(saved)",
                                "                pass", [STRICT]),
     "bn_stats_from_perturbed": ("strategies/loop.py",
-                                "ctx.bn.pass_(record=False):\n            del e_j",
+                                "ctx.bn.pass_(record=ctx.perturbed_stats):\n            del e_j",
                                 "ctx.bn.pass_(record=True):\n            del e_j", [STRICT]),
     "bn_stats_from_perturbed_vmap": ("strategies/vmap.py", "record=offsets is None",
                                      "record=True", [STRICT]),

@@ -124,7 +124,7 @@ class Schedule:
     # -- reuse -------------------------------------------------------------------------------
     @torch.no_grad()
     def prepare(self, params: Sequence[torch.Tensor], clean: Sequence[Any] | None,
-                perturbed: bool) -> tuple[Any, list[torch.Tensor | None] | None]:
+                perturbed: bool) -> tuple[Any, Any]:
         """Before the base step, with the step's gradient in ``p.grad`` and its clean gradient
         ``clean = sum_j (n_j / n) g_j``: on a perturbation step return the new direction
         ``g_v`` (the step keeps it until it commits; ``None`` when nothing was perturbed); on

@@ -50,7 +50,8 @@ from torch.optim import Optimizer
 from msam.core.nonfinite import NonFiniteFlags, NonFiniteLossError
 from msam.core.registry import check_support
 from msam.optim.distribution import Distribution
-from msam.optim.msam import MSAM, _flatten_params
+from msam.optim.msam import MSAM
+from msam.optim.params import flatten_params as _flatten_params
 from msam.strategies import LoopStrategy, StepContext, Strategy
 from msam.strategies.base import check_loss
 

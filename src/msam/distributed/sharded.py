@@ -52,7 +52,8 @@ from msam.distributed.optimizer import (
     UnsupportedWrapperError,
 )
 from msam.optim.distribution import Distribution
-from msam.optim.msam import MSAM, _flatten_params
+from msam.optim.msam import MSAM
+from msam.optim.params import flatten_params as _flatten_params
 from msam.strategies import LoopStrategy, StepContext
 from msam.strategies.base import check_loss, fresh_autocast, local
 
@@ -329,7 +330,7 @@ class ShardedMSAM(MSAM):
 
     def load_settings(self, settings: dict[str, Any]) -> None:
         """Restore what :meth:`settings` returned (checked as ``load_state_dict`` checks it)."""
-        from msam.optim.msam import _validated_settings
+        from msam.optim.state import validated_settings as _validated_settings
 
         s = _validated_settings(settings)
         if s["rule"].get("name") != self.rule.name:

@@ -8,8 +8,13 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from msam.optim.msam import GradientResult
-from msam.optim.step import GradientConfig, validate_count, validate_eta, validate_rho
+from msam.optim.step import (
+    GradientConfig,
+    GradientResult,
+    validate_count,
+    validate_eta,
+    validate_rho,
+)
 
 __all__ = ["GradientEngine", "GradientResult", "normalization_parameters", "validate_count",
            "validate_eta", "validate_rho"]

@@ -27,8 +27,10 @@ step, then :meth:`Step.commit`. Finiteness is recorded on the device and read on
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,7 +45,8 @@ from msam.strategies import ClosureStrategy, LoopStrategy, StepContext, Strategy
 from msam.strategies.auto import timed
 from msam.strategies.base import local
 
-__all__ = ["GradientConfig", "Step", "validate_count", "validate_eta", "validate_rho"]
+__all__ = ["GradientConfig", "GradientResult", "Step", "check_decoupled_lr", "validate_count",
+           "validate_eta", "validate_rho"]
 
 Grads = list[torch.Tensor | None]
 
@@ -389,7 +392,50 @@ class Step:
                 else:
                     p.grad.copy_(g)
 
+    # -- the two-step API (m = 1) ---------------------------------------------------------------
+    @torch.no_grad()
+    def move_by_grad(self, frozen_bn: bool) -> None:
+        """``first_step``: move to ``w + e`` with ``e`` from the gradient in ``.grad`` (the
+        caller's backward at ``w``), keeping an exact copy of ``w``; with ``frozen_bn`` the
+        BatchNorm running statistics are frozen until :meth:`move_back`."""
+        pert = [self.params[i] for i in self.perturbed]
+        grads = [p.grad for p in pert]
+        if all(g is None for g in grads):
+            raise RuntimeError("first_step: no gradient in .grad; call loss.backward() first")
+        if self.rule.observes:  # the rule's statistics are written when second_step commits
+            self.clean = [None if g is None else g.clone() for g in grads]
+        e, _ = self.rule(grads, pert, [self.groups[i] for i in self.perturbed])
+        self.backup = [p.detach().clone() for p in pert]
+        moved = [(p, ei) for p, ei in zip(pert, e) if ei is not None]
+        torch._foreach_add_([p for p, _ in moved], [ei for _, ei in moved])
+        self.frozen = contextlib.ExitStack()
+        if frozen_bn:
+            bn = self.frozen.enter_context(contextlib.closing(
+                BatchNormStep(self.cfg.bn.modules())))
+            self.frozen.enter_context(bn.pass_(record=False))
+
+    def move_back(self) -> None:
+        """``second_step``: back to ``w`` exactly; BatchNorm statistics unfrozen."""
+        with torch.no_grad():
+            torch._foreach_copy_([self.params[i] for i in self.perturbed], self.backup)
+        self.frozen.close()
+
     # -- the end of the step --------------------------------------------------------------------
+    def report_overflow(self, base_optimizer: Any) -> None:
+        """A skipped step with a ``GradScaler``: let the scaler see the overflow so that
+        ``scaler.update()`` lowers the scale (``scaler.step`` finds an inf in a temporary
+        gradient and skips the base step; the real gradients are put back)."""
+        params, saved = self.params, [p.grad for p in self.params]
+        assert self.scaler is not None
+        try:
+            for p in params:
+                p.grad = None
+            params[0].grad = torch.full_like(params[0], float("inf"))
+            self.scaler.step(base_optimizer)
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+
     def reuse(self, schedule: Any) -> None:
         """Before the base step, a reuse schedule (LookSAM): on a perturbation step the new
         direction is made from ``.grad`` and the clean gradient (kept until :meth:`commit`); on
@@ -439,6 +485,29 @@ class Step:
             for p, g in zip(self.params, self.before):
                 p.grad = g
         self.bn, self.clean, self.decoupled = [], None, None
+
+
+@dataclass
+class GradientResult:
+    """What the last gradient computation did (``MSAM.last_result``)."""
+
+    loss: torch.Tensor  # mean loss at w (0-d, detached; NaN if skipped)
+    skipped: bool = False
+    reason: str = ""
+
+
+def check_decoupled_lr(param_groups: list[dict[str, Any]], step: Step, rule: str) -> None:
+    """Before the base step: a decoupled rule's ``w -= lr d`` needs each group's lr as a
+    number."""
+    if step.decoupled is None:
+        return
+    for i, g in enumerate(param_groups):
+        lr = g.get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
+            raise ValueError(
+                f"param_groups[{i}]['lr']: rule {rule!r} (decoupled) applies w -= lr * d after "
+                f"the base step and needs a number, got {lr!r} (an optimizer that sets no lr, "
+                "e.g. Adafactor with relative_step=True, needs the coupled form)")
 
 
 def _with_strategy(cfg: GradientConfig, strategy: Strategy) -> GradientConfig:
