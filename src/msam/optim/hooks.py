@@ -32,6 +32,9 @@ def _global_step_hooks_held() -> Any:
     tables: tuple[dict[Any, Any], ...] = (
         _torch_optimizer._global_optimizer_pre_hooks,  # type: ignore[assignment]
         _torch_optimizer._global_optimizer_post_hooks)
+    if not any(tables):   # the common case: no global hook registered
+        yield
+        return
     saved = [dict(t) for t in tables]
     for t in tables:
         t.clear()
