@@ -269,3 +269,75 @@ def test_accuracy_curve_uses_validation_even_when_the_first_epoch_has_none():
     assert [round(v, 6) for _, v in points] == [65.0, 85.0]
     key, points = study_mod.accuracy_curve([[{"test_acc": 0.5}, {"test_acc": 0.25}]])
     assert key == "test_acc" and points == [(1, 50.0), (2, 25.0)]
+
+
+# -- a grid over a mapping (issue 27: model_options: [{norm: batch}, {norm: group}]) -----------
+
+_MAPPING_STUDY = STUDY.split("grid:")[0] + """grid:
+  optimizer: [sgd, sam]
+  rho: [0.05, 0.1]
+  model_options: [{{hidden: [16]}}, {{hidden: [8], dropout: 0.5}}]
+  seed: [0, 1]
+select: {{by: val_acc, over: [rho]}}
+"""
+
+
+def _fake_train_by_width(cfg: TrainConfig, **kw):
+    """val: hidden [16] prefers rho 0.05, hidden [8] prefers rho 0.1; test the other way."""
+    from msam.training.trainer import RunResult
+
+    h = cfg.model_options["hidden"][0]
+    val = {("sgd", 16): 0.60, ("sgd", 8): 0.50, ("sam", 16, 0.05): 0.70,
+           ("sam", 16, 0.1): 0.65, ("sam", 8, 0.05): 0.55, ("sam", 8, 0.1): 0.58}
+    key = (cfg.optimizer, h) if cfg.optimizer == "sgd" else (cfg.optimizer, h, cfg.rho)
+    v = val[key] + 0.01 * cfg.seed
+    row = {"epoch": 1, "val_acc": v, "test_acc": 1.5 - v, "train_loss": 0.1}
+    return RunResult(run_dir=Path(cfg.out_dir), config=cfg, history=[row], completed=True,
+                     train_time_s=1.0, sharpness={"lambda_max": 10.0 * h})
+
+
+def test_grid_over_a_mapping_names_summarises_and_selects(tmp_path, monkeypatch):
+    """Before the fix, every interim summary was skipped and the final one raised
+    ``TypeError: unhashable type: 'dict'``; run names read ``model_optionshidden-16``."""
+    study = _study(tmp_path, text=_MAPPING_STUDY)
+    runs = expand_grid(study)
+    assert sorted(r.name for r in runs) == sorted(
+        f"{m}{rho}_{opt}_s{s}" for s in (0, 1)
+        for m, rho in (("sgd", ""), ("sam_rho0.05", ""), ("sam_rho0.1", ""))
+        for opt in ("hidden16", "hidden8_dropout0.5"))
+    # every run trains with the mapping it was given, as a plain dict
+    by_name = {r.name: r.config.model_options for r in runs}
+    assert by_name["sam_rho0.1_hidden8_dropout0.5_s1"] == {"hidden": [8], "dropout": 0.5}
+    assert by_name["sgd_hidden16_s0"] == {"hidden": [16]}
+    assert all(type(r.config.model_options) is dict for r in runs)
+
+    printed: list[str] = []
+    monkeypatch.setattr(study_mod, "train", _fake_train_by_width)
+    root = run_study(study, quiet=True, printer=printed.append)
+    assert not [p for p in printed if "skipped" in p], printed  # interim summaries written
+    for r in runs:
+        r.result = _fake_train_by_width(r.config)
+    chosen = [(sel["group"], sel["chosen"]) for sel in study_mod.select_cells(study, runs)]
+    assert chosen == [
+        ((("optimizer", "sgd"), ("model_options", {"hidden": [16]})), {}),
+        ((("optimizer", "sgd"), ("model_options", {"hidden": [8], "dropout": 0.5})), {}),
+        ((("optimizer", "sam"), ("model_options", {"hidden": [16]})), {"rho": 0.05}),
+        ((("optimizer", "sam"), ("model_options", {"hidden": [8], "dropout": 0.5})),
+         {"rho": 0.1})]
+    summary = (root / "summary.md").read_text()
+    # one selected row per (method, mapping), told apart in its label
+    assert "| SAM (m = 1, hidden = 16) | 0.05 | 2 | 79.50 ± 0.71 | 70.50 ± 0.71 |" in summary
+    assert "| SAM (m = 1, hidden = 8, dropout = 0.5) | 0.1 | 2 |" in summary
+    assert "| SGD (hidden = 16) | – | 2 | 89.50 ± 0.71 |" in summary
+    assert "| sam | hidden=8 dropout=0.5 | 0.1 | 2 |" in summary  # the all-cells table
+    with open(root / "runs.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert json.loads(rows["sam_rho0.1_hidden8_dropout0.5_s0"]["model_options"]) == {
+        "hidden": [8], "dropout": 0.5}
+    assert rows["sam_rho0.1_hidden8_dropout0.5_s0"]["selected"] == "True"
+    assert rows["sam_rho0.1_hidden16_s0"]["selected"] == "False"
+
+
+def test_dotted_grid_key_is_named_by_its_last_part(tmp_path):
+    study = _study(tmp_path, ["grid={optimizer: [sgd], model_options.hidden: [[16], [8]]}"])
+    assert [r.name for r in expand_grid(study)] == ["sgd_hidden16_s0", "sgd_hidden8_s0"]

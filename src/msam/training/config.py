@@ -205,6 +205,9 @@ class TrainConfig(_Schema):
     micro_batch_chunk: _opt(Int, ge=1) = _f(
         None, "batched strategy: micro-batches per batched pass (bounds memory; null: all)")
     eta: Float = _f(0.01, "ASAM offset", gt=0)
+    perturb: _choice("all", "norm") = _f(
+        "all", "parameters perturbed: all, or only the normalisation layers' (SAM-ON, Mueller "
+               "et al. 2023; the others still get the averaged gradient); ignored by sgd")
     # the SAM family (docs/variants.md); each key is read by its method only
     gsam_alpha: Float = _f(0.05, "gsam: weight of the surrogate-gap (orthogonal) term", ge=0)
     gsam_rho_min: _opt(Float, ge=0) = _f(
@@ -266,7 +269,7 @@ class TrainConfig(_Schema):
         cfg = _build(TrainConfig, self.model_dump(), _constant(source))
         validate(cfg, source)
         if cfg.optimizer == "sgd":
-            cfg.rho, cfg.micro_batches = 0.0, 1
+            cfg.rho, cfg.micro_batches, cfg.perturb = 0.0, 1, "all"
             for key in SCHEDULE_KEYS:  # the base optimizer alone has no perturbation steps
                 setattr(cfg, key, TrainConfig.model_fields[key].default)
         elif cfg.optimizer == "sam":
@@ -548,6 +551,9 @@ def validate(cfg: TrainConfig, where: Any = "config") -> None:
            "and start_fraction are both set; give one of them")
     _check(cfg.start_epoch is None or cfg.start_epoch < cfg.epochs, where, "start_epoch",
            f"must be in [0, epochs={cfg.epochs}), got {cfg.start_epoch}")
+    _check(cfg.perturb == "all" or cfg.reuse == "none" or cfg.optimizer == "sgd", where,
+           "perturb", f"is {cfg.perturb!r} with reuse {cfg.reuse!r}; reuse needs every "
+           "parameter perturbed")
     _check(cfg.reuse == "none" or cfg.every >= 2, where, "reuse",
            f"is {cfg.reuse!r} but every is {cfg.every}; reuse needs every >= 2")
     _check(cfg.reuse == "none" or not (cfg.optimizer == "wsam" and cfg.wsam_decoupled), where,

@@ -36,13 +36,14 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import math
 import os
 import platform
 import re
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ __all__ = ["StudyRun", "export_study", "expand_grid", "load_runs", "run_study", 
 # Keys a method does not use: they are dropped from its grid (and its run names).
 IGNORED_BY = {
     "sgd": {"rho", "micro_batches", "eta", "strategy", "every", "start_fraction", "start_epoch",
-            "reuse", "reuse_alpha"},
+            "reuse", "reuse_alpha", "perturb"},
     "sam": {"micro_batches", "eta"},
     "msam": {"eta"},
     "asam": set(),
@@ -80,7 +81,7 @@ for _method, _ignored in IGNORED_BY.items():
     _ignored |= set().union(*VARIANT_KEYS.values()) - VARIANT_KEYS.get(_method, set())
 _ABBREV = {"rho": "rho", "micro_batches": "m", "seed": "s", "label_noise": "noise",
            "batch_size": "bs", "weight_decay": "wd", "learning_rate": "lr", "lr": "lr",
-           "train_subset": "n", "epochs": "ep",
+           "train_subset": "n", "epochs": "ep", "perturb": "perturb",
            # schedules: msam_every5_s0, msam_late0.75_s0, msam_every5_reuselooksam_s0
            "every": "every", "start_fraction": "late", "start_epoch": "from-ep",
            "reuse": "reuse", "reuse_alpha": "ralpha",
@@ -109,7 +110,69 @@ class StudyRun:
         return _cell_label(self.cell)
 
 
+class FrozenMapping(Mapping):
+    """A grid value that is a mapping (``model_options: [{norm: batch}, {norm: group}]``),
+    frozen so that cells stay hashable: read-only, equal to a dict with the same items, in
+    the order given. :func:`thaw` turns it (and nested values) back into plain dicts / lists
+    for the run's config."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        self._items = tuple((str(k), _freeze(v)) for k, v in items.items())
+
+    def __getitem__(self, key: str) -> Any:
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return thaw(self) == {k: thaw(x) for k, x in other.items()}
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(thaw(self))
+
+
+class _FrozenList(tuple):
+    """A list inside a grid value (``{hidden: [16]}``), hashable; thawed back to a list."""
+
+    __slots__ = ()
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, FrozenMapping | _FrozenList):
+        return v
+    if isinstance(v, Mapping):
+        return FrozenMapping(v)
+    if isinstance(v, list):
+        return _FrozenList(_freeze(x) for x in v)
+    return v
+
+
+def thaw(v: Any) -> Any:
+    """A frozen grid value as plain dicts and lists (anything else unchanged)."""
+    if isinstance(v, FrozenMapping):
+        return {k: thaw(x) for k, x in v.items()}
+    if isinstance(v, _FrozenList):
+        return [thaw(x) for x in v]
+    return v
+
+
 def _fmt_value(v: Any) -> str:
+    if isinstance(v, Mapping):  # {norm: group, width: 2} -> "norm=group width=2"
+        return " ".join(f"{_ABBREV.get(k, k)}={_fmt_value(x)}" for k, x in v.items())
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
@@ -120,13 +183,26 @@ def _fmt_value(v: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(v)).strip("-") or "x"
 
 
+def _short(key: str) -> str:
+    """A grid key as shown in names and labels: its abbreviation, else its last dotted part."""
+    return _ABBREV.get(key, key.split(".")[-1])
+
+
+def _entries(key: str, v: Any) -> list[tuple[str, Any]]:
+    """``(short key, value)`` pairs of one grid entry; a mapping gives one pair per item
+    (``model_options: {norm: group}`` -> ``[("norm", "group")]``), nested mappings too."""
+    if isinstance(v, Mapping):
+        return [e for k, x in v.items() for e in _entries(str(k), x)] or [(_short(key), "")]
+    return [(_short(key), v)]
+
+
 def _cell_label(cell: Sequence[tuple[str, Any]]) -> str:
     parts = []
     for k, v in cell:
         if k == "optimizer":
             parts.append(str(v))
         else:
-            parts.append(f"{_ABBREV.get(k, k.split('.')[-1])}={_fmt_value(v)}")
+            parts += [f"{name}={_fmt_value(x)}" for name, x in _entries(k, v)]
     return " ".join(parts)
 
 
@@ -135,7 +211,7 @@ def _run_name(method: str, cell: Sequence[tuple[str, Any]], seed: int) -> str:
     for k, v in cell:
         if k == "optimizer":
             continue
-        parts.append(f"{_ABBREV.get(k, k.replace('.', '-'))}{_fmt_value(v)}")
+        parts += [f"{name}{_fmt_value(x)}" for name, x in _entries(k, v)]
     parts.append(f"s{seed}")
     return "_".join(parts)
 
@@ -166,14 +242,14 @@ def expand_grid(study: StudyConfig) -> list[StudyRun]:
             if method == "msam" and values.get("micro_batches", base.micro_batches) == 1:
                 actual = "sam"  # mSAM with one micro-batch is SAM
                 values.pop("micro_batches", None)
-            cell = (("optimizer", actual),) + tuple(
-                (k, v) for k, v in values.items()
+            cell = (("optimizer", actual),) + tuple(  # frozen: cells are dict keys
+                (k, _freeze(v)) for k, v in values.items()
                 if k.split(".")[0] not in IGNORED_BY[actual]
             )
             for seed in seeds_m:
                 name = _run_name(actual, cell, seed)
                 overrides = [("optimizer", actual), ("seed", seed)]
-                overrides += [(k, v) for k, v in cell if k != "optimizer"]
+                overrides += [(k, thaw(v)) for k, v in cell if k != "optimizer"]
                 raw, sources = apply_overrides(study.raw, overrides)
                 sources = {k: f"grid value {k}={v!r} (run {name})" for k, v in overrides}
                 cfg = train_config_from_dict(raw, study.source, sources)
@@ -361,7 +437,8 @@ def _run_row(run: StudyRun, grid_keys: Sequence[str]) -> dict[str, Any]:
     row: dict[str, Any] = {"run": run.name, "method": run.method}
     cell = dict(run.cell)
     for k in grid_keys:
-        row[k] = cell.get(k, "")
+        v = cell.get(k, "")
+        row[k] = json.dumps(thaw(v)) if isinstance(v, FrozenMapping | _FrozenList) else v
     row.update(seed=run.seed, status=run.status,
                test_acc=final.get("test_acc"), val_acc=final.get("val_acc"),
                train_loss=final.get("train_loss"), train_acc=final.get("train_acc"),
@@ -409,7 +486,7 @@ def summarize(study: StudyConfig, runs: list[StudyRun], root: Path) -> dict[str,
     for r in runs:
         cells.setdefault(r.cell, []).append(r)
     ordered = sorted(cells, key=_sort_key)
-    header = ["method", *[_ABBREV.get(k, k) for k in grid_keys], "n", "test acc (%)",
+    header = ["method", *[_short(k) for k in grid_keys], "n", "test acc (%)",
               "val acc (%)", "train loss", "time/run (s)", *[k.split(".", 1)[1]
                                                             for k in sharp_keys]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -568,11 +645,13 @@ _METHOD_NAMES = {"msam": "mSAM", "friendlysam": "FriendlySAM"}
 def _group_label(group: tuple, base: str = "sgd") -> str:
     d = dict(group)
     method = str(d.get("optimizer", ""))
-    if method == "sam":
-        return "SAM (m = 1)"
+    rest = [f"{name} = {_fmt_value(x)}" for k, v in group if k != "optimizer"
+            for name, x in _entries(k, v)]
+    if method == "sam":  # other grid keys (norm, noise, ...) tell the groups apart
+        return f"SAM ({', '.join(['m = 1', *rest])})"
     if method == "sgd":  # the base optimizer alone
-        return _BASE_NAMES.get(base, base)
-    rest = [f"{_ABBREV.get(k, k)} = {_fmt_value(v)}" for k, v in group if k != "optimizer"]
+        name = _BASE_NAMES.get(base, base)
+        return name + (f" ({', '.join(rest)})" if rest else "")
     return _METHOD_NAMES.get(method, method.upper()) + (
         f" ({', '.join(rest)})" if rest else "")
 

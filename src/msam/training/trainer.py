@@ -257,6 +257,12 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module,
                       weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return base_cls(params, **kwargs)
+    perturb = None
+    if cfg.perturb == "norm":  # SAM-ON: only the normalisation layers' parameters
+        perturb = [p for p in msam.normalization_parameters(model) if p.requires_grad]
+        if not perturb:
+            raise ConfigError(f"config: key 'perturb' is 'norm' but model {cfg.model!r} has no "
+                              "trainable normalisation parameters (BatchNorm, GroupNorm, ...)")
     opt = msam.MSAM(
         params, base_cls, rho=cfg.rho,
         micro_batches=1 if cfg.optimizer == "sam" else cfg.micro_batches,
@@ -265,7 +271,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module,
         if cfg.strategy in ("batched", "lowrank") else cfg.strategy,
         max_grad_norm=cfg.max_grad_norm, nonfinite=cfg.nonfinite, rule=variant_rule(cfg),
         every=cfg.every, start_step=start_step(cfg, steps_per_epoch),
-        reuse=None if cfg.reuse == "none" else cfg.reuse, reuse_alpha=cfg.reuse_alpha, **kwargs,
+        reuse=None if cfg.reuse == "none" else cfg.reuse, reuse_alpha=cfg.reuse_alpha,
+        perturb=perturb, **kwargs,
     )
     if cfg.optimizer == "gsam" and cfg.gsam_rho_min is not None:
         # GSAM's schedule: rho_t linear in lr_t, rho_min at min_lr up to rho at the peak lr.
