@@ -307,3 +307,38 @@ def test_loss_scale_and_autocast_match_loop(amp):
     tol = 2e-2 if amp == "bf16" else 1e-5
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=tol, atol=tol, msg=k)
+
+
+def test_a_loss_function_switched_later_is_checked_again():
+    """Core v3 case 8: the loss contract was checked on the first step only, so switching to a
+    sum-reduced loss_fn later gave a gradient 1.3e-1 away from loop's without a word. A
+    different function is now checked again: batched falls back to loop, announced, and the
+    step equals loop's."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+               for _ in range(2)]
+    runs = {}
+    for strategy in ("loop", "batched"):
+        model = make()
+        opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=0.1, micro_batches=4,
+                        strategy=strategy, model=model, lr=0.1)
+
+        def mean_loss(b, model=model):
+            return nn.functional.cross_entropy(model(b[0]), b[1])
+
+        def sum_loss(b, model=model):
+            return nn.functional.cross_entropy(model(b[0]), b[1], reduction="sum")
+
+        opt.step(mean_loss, batches[0])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step(sum_loss, batches[1])
+        runs[strategy] = (model, caught)
+    model_b, caught = runs["batched"]
+    assert any(issubclass(w.category, BatchedFallbackWarning) for w in caught), caught
+    for p, q in zip(runs["loop"][0].parameters(), model_b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

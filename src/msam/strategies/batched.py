@@ -26,7 +26,9 @@ unchanged. One ordinary backward follows.
 The contract this relies on -- ``loss_fn(concatenated micro-batches)`` is the size-weighted
 mean of ``loss_fn(micro-batch)`` (a per-example mean such as ``cross_entropy``), and every
 parametrised layer sees the batch in dimension 0 -- is **checked** on the first step of each
-configuration (the losses at ``w``, batched vs one micro-batch at a time, without randomness
+configuration and loss function (a function is known by its code: a closure made anew each step
+is not checked again, a different function is; a closure whose captured values change how it
+reduces is not seen) (the losses at ``w``, batched vs one micro-batch at a time, without randomness
 differences: the RNG is forked). A loss or model that breaks it, a parameter used outside the
 supported layers (e.g. a ``cls_token`` added in ``forward``), a recurrent module, or an
 option the rules do not implement makes the strategy **fall back to ``loop``** for that model,
@@ -52,6 +54,7 @@ with dropout).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any
@@ -280,9 +283,10 @@ class BatchedStrategy(Strategy):
     def _check_contract(self, ctx: StepContext, idx: list[int]) -> None:
         """Once per configuration: ``loss_fn(concat)`` equals the weighted mean of
         ``loss_fn(micro-batch)`` at ``w`` (same RNG state for both)."""
-        # Once per model and configuration: loss_fn is often a new closure each step, so it
-        # is not part of the key (a loss_fn changed later is not re-checked).
-        key = (config_key(ctx), len(idx), id(ctx.model))
+        # Once per model, configuration and loss function. loss_fn is often a new closure each
+        # step, so it is keyed by its code (a lambda made anew each step is the same code); a
+        # different function -- e.g. a switch to a sum-reduced loss -- is checked again.
+        key = (config_key(ctx), len(idx), id(ctx.model), _code_of(ctx.loss_fn))
         if key in self._checked:
             return
         model = ctx.model
@@ -338,3 +342,12 @@ def _check_chunk(chunk: Any) -> int | None:
                               or chunk < 1):
         raise ValueError(f"chunk must be an integer >= 1 or None, got {chunk!r}")
     return chunk
+
+
+def _code_of(fn: Any) -> Any:
+    """What identifies a loss function across steps: its code object (closures made anew each
+    step share it), the wrapped function of a ``functools.partial``, or a callable's class."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    code = getattr(fn, "__code__", None)
+    return code if code is not None else type(fn)
