@@ -49,15 +49,17 @@ class MomentumSAMRule(PerturbationRule):
                state: Mapping[Any, Mapping[str, Any]]
                ) -> tuple[list[torch.Tensor | None], torch.Tensor] | None:
         """``(e, ||v||)`` from the optimizer's ``state``; ``None`` before any momentum exists."""
-        vs = []
+        vs: list[torch.Tensor | None] = []
         for p in params:
             s = state.get(p, {})
-            v = next((s[k] for k in MOMENTUM_KEYS if isinstance(s.get(k), torch.Tensor)), None)
-            if v is None:
-                return None  # the first step: no momentum yet, a plain step at w
-            vs.append(v)
-        norm = global_norm(vs)
-        return [v * (-float(g["rho"]) / (norm + EPS)).to(v.dtype)
+            vs.append(next((s[k] for k in MOMENTUM_KEYS if isinstance(s.get(k), torch.Tensor)),
+                           None))
+        present = [v for v in vs if v is not None]
+        if not present:
+            return None  # the first step: no momentum yet, a plain step at w
+        # v = 0 where a parameter has no momentum yet (e.g. one the loss has not used)
+        norm = global_norm(present)
+        return [None if v is None else v * (-float(g["rho"]) / (norm + EPS)).to(v.dtype)
                 for v, g in zip(vs, groups)], norm
 
     def __call__(self, grads, params, groups, **kwargs):  # pragma: no cover - not called

@@ -124,15 +124,15 @@ class Schedule:
     # -- reuse -------------------------------------------------------------------------------
     @torch.no_grad()
     def prepare(self, params: Sequence[torch.Tensor], clean: Sequence[Any] | None,
-                perturbed: bool) -> tuple[Any, Any]:
+                perturbed: bool) -> list[torch.Tensor | None] | None:
         """Before the base step, with the step's gradient in ``p.grad`` and its clean gradient
         ``clean = sum_j (n_j / n) g_j``: on a perturbation step return the new direction
         ``g_v`` (the step keeps it until it commits; ``None`` when nothing was perturbed); on
-        an off-step add ``alpha ||g|| / ||g_v|| g_v`` to ``p.grad`` in place and return what
-        :meth:`undo` needs. ``(direction, undo_info)``."""
+        an off-step add ``alpha ||g|| / ||g_v|| g_v`` to ``p.grad`` in place (the step's own
+        gradient tensors) and return ``None``."""
         if perturbed:
             if clean is None:  # rho = 0: nothing was perturbed, so nothing to reuse
-                return None, None
+                return None
             gs = [p.grad for p in params]
             dot = _dot(gs, clean, params)
             gg = _dot(clean, clean, params)
@@ -141,9 +141,9 @@ class Schedule:
             for p, s, c in zip(params, gs, clean):
                 s = torch.zeros_like(p) if s is None else s
                 new.append(s.clone() if c is None else s - coef.to(s.dtype) * c)
-            return new, None
+            return new
         if self.direction is None:
-            return None, None
+            return None
         # g + alpha ||g|| / ||g_v|| g_v, in place in the step's own gradient (no new buffer):
         # one fused norm pass over g and one multiply-add with g_v.
         grads = [p.grad for p in params]
@@ -159,20 +159,7 @@ class Schedule:
                 p.grad = v * c.to(v.dtype)
             else:
                 g.addcmul_(v, c.to(g.dtype))
-        return None, (c, grads)
-
-    @torch.no_grad()
-    def undo(self, params: Sequence[torch.Tensor], replaced: Any) -> None:
-        """Take the reuse term out of ``.grad`` again (the base step failed): ``g`` up to
-        rounding (the off-step's gradient was changed in place, to keep no copy of it)."""
-        c, grads = replaced
-        for p, g, v in zip(params, grads, self.direction or []):
-            if v is None:
-                continue
-            if g is None:
-                p.grad = None
-            else:
-                g.addcmul_(v, -c.to(g.dtype))
+        return None
 
     def set_direction(self, direction: list[torch.Tensor | None] | None,
                       params: Sequence[torch.Tensor]) -> None:

@@ -382,6 +382,14 @@ class DDPDistribution(Distribution):
     def begin_step(self, params: list[torch.Tensor]) -> None:
         self._needs_sync = False
 
+    def check_schedule(self, schedule: Any) -> None:
+        if schedule.reuse is not None and self.world_size > 1:
+            # The reuse direction would be made from each rank's own clean gradient.
+            raise ValueError(
+                f"reuse: {schedule.reuse!r} is not supported by DistributedMSAM with "
+                f"world_size={self.world_size} (each rank's reuse direction would differ); use "
+                "every/start_step without reuse")
+
     def check_settings(self, opt: Any) -> None:
         """Every rank must run the same m, rule, rho, strategy, mode and schedule: one
         all-gather of them; a difference is a ``ValueError`` on every rank, naming it."""
@@ -613,12 +621,6 @@ class DistributedMSAM(MSAM):
             distribution=distribution, **kwargs,
         )
         check_support(self.rule, where="ddp", mode=mode)
-        if self.schedule.reuse is not None and distribution.world_size > 1:
-            # The reuse direction would be made from each rank's own clean gradient.
-            raise ValueError(
-                f"reuse: {self.schedule.reuse!r} is not supported by DistributedMSAM with "
-                f"world_size={distribution.world_size} (each rank's reuse direction would "
-                "differ); use every/start_step without reuse")
         self.ddp, self.module, self.mode, self.check_errors = ddp, module, mode, check_errors
         distribution.check_settings(self)
 

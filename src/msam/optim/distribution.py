@@ -15,6 +15,7 @@ The step (:mod:`msam.optim.step`) and the base step (``MSAM._base_step``) call a
 ``check_call``         whether ``step`` / ``accumulate`` can run with the given arguments
 ``begin_step``         a new optimizer step begins
 ``check_settings``     that every rank runs the same settings (one all-gather)
+``check_schedule``     whether a schedule can run here (DDP: no reuse across ranks)
 ``state_name``         the strategy name saved in ``state_dict`` (a distributed evaluator is
                        rebuilt on load, not saved)
 =====================  =====================================================================
@@ -61,6 +62,10 @@ class Distribution:
 
     def check_settings(self, opt: Any) -> None:
         """After construction and after a load: raise if the ranks' settings differ."""
+
+    def check_schedule(self, schedule: Any) -> None:
+        """At construction and before a load changes anything: raise if ``schedule`` cannot
+        run here."""
 
     def state_name(self, strategy: Any) -> dict[str, Any]:
         return strategy.state_dict()

@@ -161,6 +161,7 @@ class MSAM(WrapperOptimizer):
                              "ones); drop perturb= or reuse")
         if self.schedule.reuse is not None:
             check_support(self.engine.rule, where="reuse")
+        self.distribution.check_schedule(self.schedule)
         check_support(self.engine.rule, where="optimizer", optimizer=base,
                       micro_batches=self.engine.micro_batches,
                       micro_batch_size=self.engine.micro_batch_size,
@@ -233,11 +234,14 @@ class MSAM(WrapperOptimizer):
         """
         self._check_no_two_step("accumulate")
         self.distribution.check_call(loss_fn, batch, None, scaler, accumulate=True)
-        if self._step is None:
-            self._step = self._begin(scaler)
-        loss = self._step.add(loss_fn, batch, float(scale), scaler)
-        self.last_result = GradientResult(loss, self._step.skipped, self._step.reason)
-        if self._step.skipped:
+        step = self._step = self._step or self._begin(scaler)
+        try:
+            loss = step.add(loss_fn, batch, float(scale), scaler)
+        finally:
+            if not step.calls:   # nothing accumulated: the next call begins afresh
+                self._step = None
+        self.last_result = GradientResult(loss, step.skipped, step.reason)
+        if step.skipped:
             self.skipped_steps += 1
         return loss
 
@@ -273,11 +277,10 @@ class MSAM(WrapperOptimizer):
         if self.pending:
             raise RuntimeError("accumulate() was called since the last step: call step() "
                                "without arguments to apply the accumulated gradient")
-        step = self._step = self._begin(scaler)
+        step = self._begin(scaler)
         loss = step.add(loss_fn, batch, 1.0)                       # the mSAM gradient
         self.last_result = GradientResult(loss, step.skipped, step.reason)
         if step.skipped:
-            self._step = None
             self.skipped_steps += 1
             if step.scaler is not None:
                 step.report_overflow(self.base_optimizer)
@@ -289,11 +292,15 @@ class MSAM(WrapperOptimizer):
         """The base step on ``step``'s gradient, then its commit. If the base step raises,
         ``keep`` keeps the accumulated gradient for another ``step()``; otherwise the step is
         rolled back."""
+        # Finishing accumulate() calls: the base step may change .grad in place (unscaling,
+        # clipping, a reuse off-step), so a copy lets a failed one leave it as accumulated.
+        kept = [None if p.grad is None else p.grad.clone() for p in step.params] if keep else None
         try:
             self._base_step(scaler, step)
         except BaseException:
-            if keep:
-                step.undo_reuse()
+            if kept is not None:
+                for p, g in zip(step.params, kept):
+                    p.grad = g
             else:
                 self._step = None
                 step.rollback()
@@ -304,12 +311,17 @@ class MSAM(WrapperOptimizer):
     def base_step(self, scaler: Any = None) -> None:
         """The base optimizer's step on the gradient in ``p.grad`` as it is (clipped with
         ``max_grad_norm``), e.g. one filled with :func:`msam_gradient`. No perturbation here.
+        After ``accumulate()`` calls it finishes them as ``step()`` does.
 
         If the base optimizer raises, the exception propagates; torch's optimizers check their
         inputs before writing, and msam keeps no copy of their state (it would cost two to
         three parameter copies per step).
         """
         self._check_no_two_step("base_step")
+        if self.pending:   # accumulate() calls: finished as step() finishes them
+            assert self._step is not None
+            self._finish(self._step, scaler, keep=True)
+            return
         self._base_step(scaler, None)
 
     def _base_step(self, scaler: Any, step: Step | None) -> None:
@@ -377,7 +389,9 @@ class MSAM(WrapperOptimizer):
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._step = None  # a pending accumulation is dropped with its gradient
+        if self._step is not None:   # a pending accumulation: its gradient is dropped, the
+            self._step.drop()          # BatchNorm statistics of its passes are kept (as torch)
+            self._step = None
         super().zero_grad(set_to_none=set_to_none)
 
     # -- state (msam/optim/state.py) ---------------------------------------------------------------

@@ -212,6 +212,7 @@ def load_state_dict(opt: Any, state_dict: dict[str, Any]) -> None:
         schedule = Schedule()
         schedule.load_state_dict(settings["schedule"], opt._params(),
                                  f"state_dict[{_STATE_KEY!r}]")
+        opt.distribution.check_schedule(schedule)
         if schedule.reuse is not None and opt._perturb_ids is not None:
             raise ValueError(f"state_dict[{_STATE_KEY!r}]: schedule.reuse needs every "
                              "parameter perturbed, this optimizer has perturb=")
@@ -313,12 +314,19 @@ def getstate(opt: Any) -> dict[str, Any]:
         ids = opt._perturb_ids
         state["_perturb_ids"] = [k for k, p in enumerate(group_params(opt.param_groups))
                                  if id(p) in ids]
+    if opt.pending:   # torch copies a Parameter without its .grad: carry the accumulated one
+        state["_pending_grads"] = [p.grad for p in group_params(opt.param_groups)]
     return state
+
 
 def setstate(opt: Any, state: dict[str, Any]) -> None:
     state = dict(state)
     positions = state.pop("_perturb_ids", None)
+    pending_grads = state.pop("_pending_grads", None)
     Optimizer.__setstate__(opt, state)   # new hook tables, torch's step wrapper
+    if pending_grads is not None:
+        for p, g in zip(group_params(opt.param_groups), pending_grads):
+            p.grad = g
     if positions is not None:
         params = group_params(opt.param_groups)
         opt._perturb_ids = {id(params[k]) for k in positions}

@@ -166,8 +166,6 @@ class Step:
         self.bn: list[BatchNormStep] = []   # the statistics of each gradient computation
         self.clean: Grads | None = None     # sum_j weight (n_j / n) g_j (perturbed params)
         self.decoupled: Grads | None = None  # d per parameter, unscaled
-        self.schedule: Any = None           # a reuse schedule (set by reuse())
-        self.reused: Any = None             # what the reuse schedule's undo needs
         self.direction: Any = None          # a reuse schedule's new direction (commit)
         self.calls = 0
         self.skipped = False
@@ -439,17 +437,10 @@ class Step:
     def reuse(self, schedule: Any) -> None:
         """Before the base step, a reuse schedule (LookSAM): on a perturbation step the new
         direction is made from ``.grad`` and the clean gradient (kept until :meth:`commit`); on
-        an off-step ``.grad`` gets the old direction added (undone by :meth:`undo_reuse`)."""
+        an off-step ``.grad`` gets the old direction added, in place."""
         if schedule is None or schedule.reuse is None:
             return
-        self.schedule = schedule
-        self.direction, self.reused = schedule.prepare(self.params, self.clean, self.perturbs)
-
-    def undo_reuse(self) -> None:
-        """The base step failed: take the reuse term out of ``.grad`` again."""
-        if self.reused is not None:
-            self.schedule.undo(self.params, self.reused)
-        self.reused, self.direction = None, None
+        self.direction = schedule.prepare(self.params, self.clean, self.perturbs)
 
     @torch.no_grad()
     def apply_decoupled(self) -> None:
@@ -476,11 +467,17 @@ class Step:
         if schedule is not None and schedule.reuse is not None and self.perturbs:
             schedule.set_direction(self.direction, self.params)
         self.bn, self.clean, self.decoupled, self.direction = [], None, None, None
-        self.reused = None
+
+    def drop(self) -> None:
+        """The step is abandoned with its gradient (``zero_grad`` between ``accumulate``
+        calls): the BatchNorm statistics of its passes are written, as plain forward passes
+        write them; nothing else."""
+        for bn in self.bn:
+            bn.commit()
+        self.bn, self.clean, self.decoupled = [], None, None
 
     def rollback(self) -> None:
         """Put ``.grad`` back as it was when the step began; nothing else was written."""
-        self.undo_reuse()
         if self.before is not None:
             for p, g in zip(self.params, self.before):
                 p.grad = g

@@ -26,11 +26,11 @@ unchanged. One ordinary backward follows.
 The contract this relies on -- ``loss_fn(concatenated micro-batches)`` is the size-weighted
 mean of ``loss_fn(micro-batch)`` (a per-example mean such as ``cross_entropy``), and every
 parametrised layer sees the batch in dimension 0 -- is **checked** on the first step of each
-configuration and loss function (a function is known by its code: a closure made anew each step
-is not checked again, a different function is; a closure whose captured values change how it
-reduces is not seen) (the losses at ``w``, batched vs one micro-batch at a time, without randomness
-differences: the RNG is forked). A loss or model that breaks it, a parameter used outside the
-supported layers (e.g. a ``cls_token`` added in ``forward``), a recurrent module, or an
+configuration and loss function (a function is known by what its code does: a closure made anew
+each step is not checked again, a different function is; a closure whose captured values change
+how it reduces is not seen): the losses at ``w``, batched vs one micro-batch at a time, without
+randomness differences (the RNG is forked). A loss or model that breaks it, a parameter used
+outside the supported layers (e.g. a ``cls_token`` added in ``forward``), a recurrent module, or an
 option the rules do not implement makes the strategy **fall back to ``loop``** for that model,
 announced once by a :class:`BatchedFallbackWarning` (``reason`` says why); with
 ``fallback=False`` it raises ``ValueError`` instead. Each micro-batch of a chunk reports the
@@ -347,9 +347,13 @@ def _check_chunk(chunk: Any) -> int | None:
 
 
 def _code_of(fn: Any) -> Any:
-    """What identifies a loss function across steps: its code object (closures made anew each
-    step share it), the wrapped function of a ``functools.partial``, or a callable's class."""
+    """What identifies a loss function across steps: what its code does (bytecode, constants
+    and names: closures made anew each step, or two identical lambdas, are the same; a loss
+    with ``reduction="sum"`` is not), looking through ``functools.partial``; for another
+    callable, its class."""
     while isinstance(fn, functools.partial):
         fn = fn.func
     code = getattr(fn, "__code__", None)
-    return code if code is not None else type(fn)
+    if code is None:
+        return type(fn)
+    return (code.co_code, code.co_consts, code.co_names)

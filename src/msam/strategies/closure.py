@@ -39,7 +39,7 @@ class ClosureStrategy(Strategy):
                 grads = [None if p.grad is None else p.grad * coef for p in inputs]
             else:
                 raw = torch.autograd.grad(ctx.scaled(loss * coef), inputs, allow_unused=True)
-                grads = list(raw)
+                grads = _own(raw)
         finally:
             for p, g in zip(ctx.params, saved):
                 p.grad = g
@@ -66,3 +66,19 @@ class ClosureStrategy(Strategy):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad.add_(g)
         return [loss]
+
+
+def _own(grads: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
+    """``autograd.grad``'s outputs made safe to keep as ``.grad``: it may hand one tensor to
+    several inputs (``a + b``) or an expanded one (``b.sum()``), which later in-place updates
+    (accumulation, a reuse schedule) would write through; those are copied."""
+    seen: set[int] = set()
+    out: list[torch.Tensor | None] = []
+    for g in grads:
+        if g is not None:
+            ptr = g.untyped_storage().data_ptr()
+            if ptr in seen or not g.is_contiguous():
+                g = g.clone(memory_format=torch.contiguous_format)
+            seen.add(g.untyped_storage().data_ptr())
+        out.append(g)
+    return out
