@@ -58,11 +58,11 @@ from .checkpoint import (
     torch_bytes,
 )
 from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_diff
-from .rundir import IntegrityError, RunDirError, RunFiles, run_lock
+from .rundir import IntegrityError, RunDirError, RunFiles, RunWriteError, run_lock
 from .schedule import lr_factor_fn
 
-__all__ = ["METRIC_COLUMNS", "RunResult", "TrainingError", "build_optimizer", "evaluate",
-           "is_finished", "train"]
+__all__ = ["METRIC_COLUMNS", "RunResult", "StorageError", "TrainingError", "build_optimizer",
+           "evaluate", "is_finished", "train"]
 
 METRIC_COLUMNS = (
     "epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
@@ -73,6 +73,11 @@ TIME_COLUMNS = ("epoch_time_s", "elapsed_s")
 
 class TrainingError(RuntimeError):
     """A training step failed; the run directory keeps its last good checkpoint."""
+
+
+class StorageError(TrainingError):
+    """A run file could not be written (disk full, read-only file system, ...); the files of
+    the completed epochs are intact and the run continues with ``--resume`` once fixed."""
 
 
 @dataclass
@@ -449,7 +454,7 @@ class _TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            log("tensorboard: not installed (pip install tensorboard); skipping it")
+            log("WARNING: tensorboard: not installed (pip install tensorboard); skipping it")
             return
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
@@ -493,22 +498,22 @@ def _measure_sharpness(cfg: TrainConfig, model: nn.Module, data: _Data, run_dir:
     try:
         from msam.analysis import measure
     except ImportError as err:
-        log(f"sharpness: msam.analysis is not available ({err}); skipping")
+        log(f"WARNING: sharpness: msam.analysis is not available ({err}); skipping")
         return None
     n = min(s.examples, len(data.train))
     idx = torch.randperm(len(data.train), generator=make_generator(s.seed, "sharpness"))[:n]
     subset = data.train.subset(idx.sort().values)
     batches = [data.batch("train", x, y) for x, y in
                iterate_batches(subset, s.batch_size, shuffle=False, seed=0, epoch=0)]
-    rho = s.rho if s.rho is not None else (cfg.rho if cfg.rho > 0 else 0.05)
+    rho = s.rho if s.rho is not None else 0.05  # one radius for every run of a study
 
-    def loss_fn(mdl: nn.Module, batch: Any) -> torch.Tensor:
-        return F.cross_entropy(mdl(batch[0]).float(), batch[1])
+    def loss_fn(batch: Any) -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]).float(), batch[1])
 
     t0 = time.perf_counter()
     try:
-        result = measure(model, loss_fn, batches, metrics=list(s.metrics), rho=rho, m=s.m,
-                         seed=s.seed, **s.options)
+        result = measure(model, loss_fn, batches, metrics=list(s.metrics), rho=rho,
+                         micro_batches=s.m, seed=s.seed, **s.options.model_dump())
     except TypeError as err:
         raise ConfigError(f"config: key 'sharpness.options': {err}") from err
     result = dict(result)
@@ -536,6 +541,7 @@ def train(
     quiet: bool = False,
     stop_after_epochs: int | None = None,
     log_prefix: str = "",
+    accept_unverified: bool = False,
 ) -> RunResult:
     """Train one run described by ``config`` into ``config.out_dir``.
 
@@ -547,9 +553,13 @@ def train(
             is (or extended, if ``epochs`` grew); one whose checkpoint is gone is refused.
         rerun: discard whatever run ``out_dir`` holds, finished or not, and train from scratch.
         quiet: no per-epoch log lines (the progress bar follows ``config.progress``).
+            Warnings (e.g. a corrupted checkpoint replaced by the previous one) are printed
+            to stderr all the same.
         stop_after_epochs: return after this many epochs *of this call* (for tests / time
             slicing); the run stays resumable.
         log_prefix: prepended to log lines (studies pass the run name).
+        accept_unverified: resume although ``checksums.json`` was deleted (the checkpoints
+            are then loaded unverified); without it such a run is refused.
 
     Returns:
         a :class:`RunResult`; ``completed`` is True when ``epochs`` epochs are done.
@@ -559,6 +569,7 @@ def train(
             :class:`~msam.training.rundir.RunLockedError` (another process writes it),
             :class:`~msam.training.rundir.IntegrityError` (a corrupted file), or a finished run.
         TrainingError: a training step failed; the last checkpoint is kept.
+            :class:`StorageError`: a run file could not be written (disk full, read-only).
     """
     cfg = config.resolved()
     run_dir = Path(cfg.out_dir)
@@ -570,12 +581,16 @@ def train(
         raise ConfigError("config: key 'precision' fp16 needs a CUDA device; use bf16 or fp32")
 
     def log(msg: str) -> None:
-        if not quiet:
+        if msg.startswith("WARNING: "):  # a warning is never quiet
+            print(f"{log_prefix}{msg}", file=sys.stderr, flush=True)
+        elif not quiet:
             print(f"{log_prefix}{msg}", flush=True)
 
     with run_lock(run_dir):
         remove_stale_temp_files(run_dir)
         files = RunFiles(run_dir)
+        if resume and not rerun and not accept_unverified:
+            files.require_manifest(("last.pt", "prev.pt", "done.json"), _FIX_MANIFEST)
         ckpt = _open_run(cfg, run_dir, files, device, resume, rerun, log)
         if isinstance(ckpt, RunResult):
             return ckpt
@@ -584,7 +599,29 @@ def train(
             # overflow).
             warnings.filterwarnings("ignore",
                                     message=r"Detected call of `lr_scheduler\.step\(\)`")
-            return _train(cfg, run_dir, files, device, ckpt, log, stop_after_epochs)
+            try:
+                return _train(cfg, run_dir, files, device, ckpt, log, stop_after_epochs)
+            except RunWriteError as err:
+                raise _storage_failed(run_dir, files, err) from err
+
+
+_FIX_MANIFEST = (", pass --accept-unverified (accept_unverified=True) to resume from the files "
+                 "as they are, or pass --rerun (rerun=True) to train the run again from scratch")
+
+
+def _storage_failed(run_dir: Path, files: RunFiles, err: RunWriteError) -> StorageError:
+    """What a failed write (disk full, read-only directory) means for the run, and the fix."""
+    try:
+        epoch = int(load_checkpoint(run_dir / "last.pt")["epoch"]) \
+            if files.verify("last.pt") is not False else None
+    except (OSError, ValueError):
+        epoch = None
+    safe = ("No epoch was completed yet" if epoch is None else
+            f"The completed epochs are safe: {run_dir / 'last.pt'} holds epoch {epoch} and "
+            "matches its checksum (every write is atomic)")
+    return StorageError(
+        f"{err.strerror}. {safe}. Free space on that disk (or make the run directory writable "
+        "again), then run the same command with --resume to continue from there")
 
 
 def _open_run(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.device,
@@ -596,7 +633,7 @@ def _open_run(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.de
     if rerun:
         if checkpoints or finished:
             log(f"{run_dir}: --rerun: discarding the run it holds")
-        files.forget(*RUN_FILES)
+        files.discard(*RUN_FILES, "last.pt.corrupt")
         return None
     if (checkpoints or finished) and not resume:
         what = "a finished run (done.json)" if finished else "an unfinished run (last.pt)"
@@ -605,7 +642,19 @@ def _open_run(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.de
                           "from scratch, or choose another out_dir")
     if not resume:
         return None
+    done = read_done(run_dir) if finished else None  # a corrupted record is named, not replaced
+    if done is not None:
+        _refuse_changes(done["config"], cfg, run_dir / "done.json")
+        if is_finished(run_dir, cfg):  # never retrained, even if its checkpoints are gone
+            log(f"{run_dir}: already finished ({cfg.epochs} epochs)")
+            return RunResult.from_dir(run_dir)
     ckpt = _load_verified_checkpoint(run_dir, files, device, log)
+    if ckpt is not None and done is not None and int(ckpt["epoch"]) != int(done["epochs"]):
+        raise RunDirError(
+            f"{run_dir} holds a finished run of {done['epochs']} epochs, but its intact "
+            f"checkpoint is of epoch {ckpt['epoch']}: extending it would retrain finished "
+            "epochs. Its results are kept as they are; pass --rerun (rerun=True) to train it "
+            "again from scratch")
     if ckpt is None:
         if finished:
             raise RunDirError(
@@ -614,24 +663,24 @@ def _open_run(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.de
                 "are. Pass --rerun (rerun=True) to train it again from scratch")
         log(f"{run_dir}: no checkpoint, starting from scratch")
         return None
-    changed = [k for k in config_diff(ckpt["config"], cfg.to_dict())
-               if k.split(".")[0] not in RESUMABLE_CHANGES]
-    if changed:
-        raise ConfigError(
-            f"cannot resume {str(ckpt_path)!r}: the config differs in "
-            f"{', '.join(changed)} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change); "
-            "start a new out_dir instead"
-        )
+    _refuse_changes(ckpt["config"], cfg, ckpt_path)
     if int(ckpt["epoch"]) > cfg.epochs:
         raise ConfigError(f"config: key 'epochs' is {cfg.epochs} but the checkpoint in "
                           f"{str(run_dir)!r} already has {ckpt['epoch']} epochs")
-    if finished and int(ckpt["epoch"]) == cfg.epochs and is_finished(run_dir, cfg):
-        log(f"{run_dir}: already finished ({cfg.epochs} epochs)")
-        return RunResult.from_dir(run_dir)
     if finished:
-        read_done(run_dir)  # a corrupted record is reported, not silently replaced
         files.forget("done.json")  # extended or re-measured: not finished until rewritten
     return ckpt
+
+
+def _refuse_changes(recorded: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
+    """A resumed run must compute what the recorded one did (e.g. the same m)."""
+    changed = [k for k in config_diff(recorded, cfg.to_dict())
+               if k.split(".")[0] not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(
+            f"cannot resume {str(where)!r}: the config differs in {', '.join(changed)} (only "
+            f"{', '.join(sorted(RESUMABLE_CHANGES))} may change); start a new out_dir, or pass "
+            "--rerun to train it again with the new config")
 
 
 def _load_verified_checkpoint(run_dir: Path, files: RunFiles, device: torch.device,
@@ -660,7 +709,7 @@ def _load_verified_checkpoint(run_dir: Path, files: RunFiles, device: torch.devi
                 bad = run_dir / "last.pt.corrupt"
                 os.replace(run_dir / "last.pt", bad)  # kept for inspection, never loaded
                 files.forget("last.pt")
-                log(f"the corrupted checkpoint was moved to {bad}")
+                log(f"WARNING: the corrupted checkpoint was moved to {bad}")
         return ckpt
     if problems:
         raise IntegrityError(
