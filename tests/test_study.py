@@ -269,3 +269,14 @@ def test_accuracy_curve_uses_validation_even_when_the_first_epoch_has_none():
     assert [round(v, 6) for _, v in points] == [65.0, 85.0]
     key, points = study_mod.accuracy_curve([[{"test_acc": 0.5}, {"test_acc": 0.25}]])
     assert key == "test_acc" and points == [(1, 50.0), (2, 25.0)]
+
+
+def test_summary_reproduce_line_is_a_real_command(tmp_path):
+    """Issue 25 case 13: without a recorded command line (the Python API), the summary's
+    Reproduce section names the study config it wrote, not a placeholder."""
+    study = _study(tmp_path, ["grid.optimizer=[sgd]", "grid.seed=[0]", "grid.micro_batches=[1]",
+                              "epochs=1", "plots=false"])
+    root = run_study(study, quiet=True, printer=lambda s: None)
+    summary = (root / "summary.md").read_text()
+    assert "<config>" not in summary
+    assert f"msam study {root / 'study.yaml'}" in summary and (root / "study.yaml").is_file()

@@ -18,6 +18,23 @@ TARGETS = {
 }
 TARGET_TIME_MODELS = ("resnet20", "wrn16_4")
 
+#: Why a target can be missed (shown in the Targets table next to a "no").
+WHY_MISSED = {
+    "SAM / SGD": "SAM runs two forward/backward passes per step plus the perturbation; above "
+                 "the target, the extra work (norms, copies) costs more than on larger models",
+    "mSAM": "m passes over micro-batches of B/m examples keep fewer cores busy than one pass "
+            "over B (small layers are latency-bound), so the step costs more than SAM's",
+    "mSAM loop": "the loop keeps a perturbation and a gradient accumulator per parameter; "
+                 "with few activations (small batch or model) these dominate the peak",
+    "loop peak": "some configurations exceeded SAM's peak plus one copy of the parameters "
+                 "(see the per-model tables: 'over bound')",
+}
+
+
+def _why(target: str) -> str:
+    return next((why for key, why in sorted(WHY_MISSED.items(), key=lambda kv: -len(kv[0]))
+                 if target.startswith(key)), "")
+
 
 def _fmt_ms(x: float | None) -> str:
     return "-" if x is None else f"{1000 * x:.1f}" if x < 1 else f"{1000 * x:.0f}"
@@ -174,8 +191,8 @@ def markdown_report(data: dict[str, Any]) -> str:
                   *variant_rows, ""]
     targets = evaluate_targets(data)
     if targets:
-        lines += ["## Targets", "", "| model | quantity | measured | target | met |",
-                  "|---|---|---:|---:|:-:|"]
+        lines += ["## Targets", "", "| model | quantity | measured | target | met | why not |",
+                  "|---|---|---:|---:|:-:|---|"]
         for t in targets:
             if t["target"].startswith("loop peak"):
                 value = f"{int(t['value'])}/{int(t['limit'])} configs"
@@ -184,7 +201,8 @@ def markdown_report(data: dict[str, Any]) -> str:
                 value, limit = f"{t['value']:.2f}", f"<= {t['limit']:.2f}"
             note = "" if t.get("applies", True) else " (informative)"
             lines.append(f"| {t['model']} | {t['target']}{note} | {value} | {limit} | "
-                         f"{'yes' if t['met'] else '**no**'} |")
+                         f"{'yes' if t['met'] else '**no**'} | "
+                         f"{'' if t['met'] else _why(t['target'])} |")
         lines.append("")
     for model in data["models"]:
         if model.get("error"):

@@ -37,6 +37,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types as at
 from pydantic import (
+    AfterValidator,
     AllowInfNan,
     BaseModel,
     BeforeValidator,
@@ -44,6 +45,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    model_serializer,
 )
 from pydantic_core import PydanticCustomError
 
@@ -110,7 +112,16 @@ def _lower(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
 
 
-Int = Annotated[int, BeforeValidator(_not_bool)]
+def _int64(value: int) -> int:
+    # A larger int overflows deep inside torch (e.g. a seed, after the data has loaded).
+    if not -(2**63) <= value < 2**63:
+        raise PydanticCustomError("int64", "does not fit a 64-bit integer")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool), AfterValidator(_int64)]
+#: The largest float32: a larger lr or rho overflows when torch makes it a tensor.
+F32_MAX = 3.4e38
 #: A finite float (ints and strings such as ``"1e-3"`` are accepted, inf / NaN are not).
 Float = Annotated[float, AllowInfNan(False), BeforeValidator(_not_bool)]
 
@@ -163,6 +174,28 @@ class _Schema(BaseModel):
         return type(self)(**{**self.model_dump(), **changes})
 
 
+class MeasureOptions(_Schema):
+    """The keyword options of ``msam.analysis.measure`` a run may set (all optional)."""
+
+    k: _opt(Int, ge=1) = _f(None, "top_eigenvalues: how many")
+    method: _opt(_choice("lanczos", "power")) = _f(None, "eigenvalue method")
+    max_iter: _opt(Int, ge=1) = _f(None, "Lanczos / power iteration cap")
+    tol: _opt(Float, gt=0) = _f(None, "eigenvalue tolerance")
+    num_probes: _opt(Int, ge=1) = _f(None, "trace: Hutchinson probes")
+    ascent_steps: _opt(Int, ge=1) = _f(None, "m_sharpness: ascent steps")
+    step_size: _opt(Float, gt=0) = _f(None, "m_sharpness: ascent step size")
+    adaptive: bool | None = _f(None, "m_sharpness / average_sharpness: adaptive radius")
+    num_samples: _opt(Int, ge=1) = _f(None, "average_sharpness: random directions")
+    slq_runs: _opt(Int, ge=1) = _f(None, "spectral_density: SLQ runs")
+    slq_steps: _opt(Int, ge=1) = _f(None, "spectral_density: Lanczos steps per run")
+    slq_points: _opt(Int, ge=2) = _f(None, "spectral_density: grid points")
+    include_samples: bool | None = _f(None, "keep raw per-probe samples in sharpness.json")
+
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class SharpnessConfig(_Schema):
     """Sharpness measured on the trained model (``msam.analysis.measure``); off when empty."""
 
@@ -170,10 +203,12 @@ class SharpnessConfig(_Schema):
                                 "m_sharpness]; [] = off")
     examples: Int = _f(2048, "training examples used (a fixed seeded subset)", ge=1)
     batch_size: Int = _f(256, "batch size of the measurement batches", ge=1)
-    rho: _opt(Float, ge=0) = _f(None, "radius for m_sharpness (null: the run's rho, or 0.05)")
-    m: _opt(Int, ge=1) = _f(None, "micro-batch size for m_sharpness (null: one batch)")
+    rho: _opt(Float, ge=0, le=F32_MAX) = _f(
+        None, "radius for m_sharpness (null: 0.05 for every run, so runs compare)")
+    m: _opt(Int, ge=1) = _f(None, "m_sharpness: micro-batches per measurement batch, a count "
+                                  "as everywhere in msam (null: 1, the whole batch)")
     seed: Int = _f(0, "seed of the measurement (subset, probes)")
-    options: dict[str, Any] = _f({}, "extra keyword arguments of measure (e.g. num_probes)")
+    options: MeasureOptions = _f(MeasureOptions, "extra options of measure (e.g. num_probes)")
 
 
 class TrainConfig(_Schema):
@@ -199,12 +234,12 @@ class TrainConfig(_Schema):
     optimizer: _choice(*METHODS) = _f("msam", "method; sgd means the base optimizer alone "
                                               "(no SAM)")
     base: _choice(*BASES) = _f("sgd", "base optimizer")
-    rho: Float = _f(0.05, "SAM neighbourhood radius (ignored by sgd)", ge=0)
+    rho: Float = _f(0.05, "SAM neighbourhood radius (ignored by sgd)", ge=0, le=F32_MAX)
     micro_batches: Int = _f(4, "m for msam, asam and the SAM family (sgd and sam use 1)", ge=1)
     strategy: _choice(*STRATEGIES) = _f("loop", "mSAM execution strategy")
     micro_batch_chunk: _opt(Int, ge=1) = _f(
         None, "batched strategy: micro-batches per batched pass (bounds memory; null: all)")
-    eta: Float = _f(0.01, "ASAM offset", gt=0)
+    eta: Float = _f(0.01, "ASAM offset", gt=0, le=F32_MAX)
     # the SAM family (docs/variants.md); each key is read by its method only
     gsam_alpha: Float = _f(0.05, "gsam: weight of the surrogate-gap (orthogonal) term", ge=0)
     gsam_rho_min: _opt(Float, ge=0) = _f(
@@ -217,10 +252,11 @@ class TrainConfig(_Schema):
                                 "sharpness; 0.5 = SAM)", ge=0, lt=1)
     wsam_decoupled: bool = _f(True, "wsam: the sharpness term as a plain step after the base "
                                     "step (the paper's form); false: coupled into the gradient")
-    lr: Float = _f(0.1, "peak learning rate", gt=0)
+    lr: Float = _f(0.1, "peak learning rate", gt=0, le=F32_MAX)
     momentum: Float = _f(0.9, "SGD momentum", ge=0, lt=1)
     nesterov: bool = _f(False, "SGD Nesterov momentum")
-    weight_decay: Float = _f(5e-4, "weight decay (coupled for sgd, decoupled for adamw)", ge=0)
+    weight_decay: Float = _f(5e-4, "weight decay (coupled for sgd, decoupled for adamw)", ge=0,
+                             le=F32_MAX)
     betas: list[Annotated[Float, Field(ge=0, lt=1)]] = _f(
         [0.9, 0.999], "AdamW betas", min_length=2, max_length=2)
     adam_eps: Float = _f(1e-8, "AdamW epsilon", gt=0)
@@ -250,12 +286,13 @@ class TrainConfig(_Schema):
     max_steps_per_epoch: _opt(Int, ge=1) = _f(None, "cap on steps per epoch (quick runs)")
     eval_every: Int = _f(1, "evaluate val/test every N epochs (the last epoch always)", ge=1)
     # run
-    seed: Int = _f(0, "seed of data subset/split/noise, batch order, init, dropout")
+    seed: Int = _f(0, "seed of data subset/split/noise, batch order, init, dropout", ge=0)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     precision: _choice(*PRECISIONS) = _f("fp32", "autocast dtype; fp16 adds a GradScaler "
                                                  "(CUDA only)")
     deterministic: bool = _f(True, "torch.use_deterministic_algorithms(warn_only=True)")
-    threads: _opt(Int, ge=1) = _f(None, "torch.set_num_threads for the run (null: unchanged)")
+    threads: _opt(Int, ge=1, le=4096) = _f(None, "torch.set_num_threads for the run (null: "
+                                                 "unchanged)")
     out_dir: str = _f("runs/train", "run directory (study: the study directory)", min_length=1)
     progress: bool = _f(True, "tqdm progress bar (only shown on a terminal)")
     tensorboard: bool = _f(False, "also log to TensorBoard (skipped if not installed)")
@@ -422,11 +459,16 @@ def _problem(err: Mapping[str, Any], cls: type[BaseModel]) -> tuple[str, str]:
     if "[key]" in loc:
         return key, f"has a non-string key {value!r}"
     if kind == "literal_error":
-        choices = ", ".join(map(str, get_args(_unwrap(tp)[0])))
+        inner = _unwrap(tp)[0]
+        if get_origin(inner) in (Union, types.UnionType):  # an optional choice
+            inner = _unwrap(next(a for a in get_args(inner) if a is not type(None)))[0]
+        choices = ", ".join(map(str, get_args(inner)))
         return key, f"is {value!r}; choose one of {choices}"
     if kind in ("too_short", "too_long"):
         n = next((m.min_length for m in meta if getattr(m, "min_length", None)), None)
         return key, f"must have {n} items, got {value!r}"
+    if kind == "int64":
+        return key, f"must be an integer below 2**63 (a 64-bit integer), got {value!r}"
     if kind == "finite_number":
         return key, f"must be {_rule(tp, meta)}, got {value!r}"
     if kind.endswith(_TYPE_ERRORS) or kind in _TYPE_ERRORS:
@@ -462,10 +504,19 @@ def _build(cls: type[BaseModel], raw: Mapping[str, Any], where: Callable[[str], 
         _VALIDATING.reset(token)
 
 
+#: Names other tools use for our keys (too far apart for a spelling match).
+_ALIASES = {"learning_rate": "lr", "m": "micro_batches", "num_micro_batches": "micro_batches",
+            "num_epochs": "epochs", "wd": "weight_decay", "output_dir": "out_dir",
+            "out": "out_dir", "scheduler": "schedule", "lr_schedule": "schedule",
+            "method": "optimizer", "arch": "model", "data": "dataset", "radius": "rho"}
+
+
 def _suggest(key: str, names: Iterable[str]) -> str:
     import difflib
 
-    close = difflib.get_close_matches(key, list(names), n=1)
+    names = list(names)
+    alias = _ALIASES.get(key.lower())
+    close = [alias] if alias in names else difflib.get_close_matches(key, names, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -522,6 +573,11 @@ def validate(cfg: TrainConfig, where: Any = "config") -> None:
                 f"{cfg.model!r}; valid "
                 f"options: {', '.join(valid_opts) or '(none)'}"
             )
+    for k, v in cfg.model_options.items():
+        problem = _option_problem(v, valid_opts[k])
+        if problem:
+            raise ConfigError(f"{_at(where, 'model_options.' + k)}: key 'model_options.{k}' "
+                              f"for model {cfg.model!r} must be {problem}, got {v!r}")
     text_data = cfg.dataset == "rotten_tomatoes"
     if text_data != is_text_model(cfg.model):
         kind = "image" if text_data else "text"
@@ -566,6 +622,31 @@ def validate(cfg: TrainConfig, where: Any = "config") -> None:
             bad = [m for m in s.metrics if m not in AVAILABLE_METRICS]
             _check(not bad, where, "sharpness.metrics",
                    f"has unknown metric(s) {bad}; available: {', '.join(AVAILABLE_METRICS)}")
+    _check(s.m is None or s.batch_size % s.m == 0, where, "sharpness.m",
+           f"is {s.m}, which does not divide sharpness.batch_size={s.batch_size} into equal "
+           "micro-batches")
+
+
+def _option_problem(value: Any, default: Any) -> str | None:
+    """What a model option must be, judged by its default's type (None: fine)."""
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(default, int) and not float(value).is_integer():
+            ok = False
+        return None if ok else ("an integer" if isinstance(default, int) else "a number")
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, (list, tuple)):
+        example = f"a list like {list(default)}"
+        if not isinstance(value, (list, tuple)):
+            return example
+        return next((example for x in value for d in default[:1]
+                     if _option_problem(x, d)), None)
+    return None
 
 
 # -- files and overrides -----------------------------------------------------------------------
@@ -613,12 +694,26 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: {err}; remove one of them") from None
     except Exception as err:  # parser errors: yaml.YAMLError, tomllib.TOMLDecodeError, ...
         raise ConfigError(f"{path}: cannot parse: {err}") from None
-    if data is None:
-        data = {}
+    if data is None:  # an empty (truncated, unsaved) file must not train on every default
+        raise ConfigError(f"{path}: the file is empty (no keys); a config needs at least one "
+                          "key, e.g. `dataset: fashion_mnist` (write `{}` to mean every default)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got "
                           f"{type(data).__name__}")
+    _check_key_names(data, str(path))
     return data
+
+
+def _check_key_names(data: Mapping[Any, Any], label: str, prefix: str = "") -> None:
+    """Every key of a config mapping (at any depth) is a string: YAML reads ``1: 2`` or
+    ``true: x`` as a number or boolean key, which no config key is."""
+    for k, v in data.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"{label}: key {prefix}{k!r} ({type(k).__name__}) is not a key "
+                              "name; config keys are names such as 'lr' (check the line, or "
+                              "quote the key)")
+        if isinstance(v, Mapping):
+            _check_key_names(v, label, f"{prefix}{k}.")
 
 
 class _DuplicateKey(Exception):
@@ -720,6 +815,7 @@ def train_config_from_dict(
 ) -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from a raw mapping."""
     where = _where_fn(source, sources or {})
+    _check_key_names(raw, source)
     study_keys = [k for k in STUDY_KEYS if k in raw]
     if study_keys:
         raise ConfigError(

@@ -61,7 +61,7 @@ from .config import (
     train_config_from_dict,
 )
 from .rundir import RunFiles, RunLockedError, run_lock
-from .trainer import RunResult, is_finished, read_done, train
+from .trainer import RunResult, StorageError, is_finished, read_done, train
 
 __all__ = ["StudyRun", "export_study", "expand_grid", "load_runs", "run_study", "select_cells",
            "summarize"]
@@ -209,7 +209,7 @@ def _run_one(run: StudyRun, prefix: str, quiet: bool, printer: Callable[[str], N
             or done.exists()
         run.result = train(run.config, resume=started, quiet=quiet, log_prefix=prefix)
         run.status = "done"
-    except (ConfigError, KeyboardInterrupt):
+    except (ConfigError, KeyboardInterrupt, StorageError):  # a full disk stops the study
         raise
     except Exception as err:  # one failed run must not lose the others
         run.status = "failed"
@@ -244,10 +244,15 @@ def run_study(
     """
     root = Path(study.train.out_dir)
     runs = expand_grid(study)
+    missing = _missing_data(runs)  # once, up front: not once per run
     if dry_run:
         for r in sorted(runs, key=lambda r: r.seed):
             printer(f"{r.name}: {r.cell_label} seed={r.seed} -> {r.config.out_dir}")
+        if missing is not None:
+            printer(f"WARNING: the study cannot run as it is: {missing}")
         return root
+    if missing is not None:
+        raise missing
     root.mkdir(parents=True, exist_ok=True)
     _write_study_config(root, study)
     if command:
@@ -285,6 +290,19 @@ def run_study(
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(r.name for r in failed)}")
     return root
+
+
+def _missing_data(runs: list[StudyRun]) -> Exception | None:
+    """The first dataset of the study's runs that cannot be read (None: all can)."""
+    from msam.data import DatasetNotFoundError, check_available
+
+    for key in dict.fromkeys((r.config.dataset, r.config.data_dir, r.config.download)
+                             for r in runs):
+        try:
+            check_available(*key)
+        except DatasetNotFoundError as err:
+            return err
+    return None
 
 
 #: What :func:`export_study` copies: study-level files, then per-run files (no checkpoints).
@@ -504,7 +522,8 @@ def _reproduce_section(root: Path, runs: list[StudyRun]) -> list[str]:
     versions = sorted({str(i.get("torch")) for i in infos if i.get("torch")})
     total = sum(r.result.train_time_s for r in done)  # type: ignore[union-attr]
     cmd_file = root / "command.txt"
-    command = cmd_file.read_text().strip() if cmd_file.is_file() else "msam study <config>"
+    command = (cmd_file.read_text().strip() if cmd_file.is_file()
+               else f"msam study {root / 'study.yaml'}")  # the resolved config, written above
     return [
         "## Reproduce", "",
         "```bash", command, "```", "",
