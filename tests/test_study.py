@@ -280,3 +280,13 @@ def test_summary_reproduce_line_is_a_real_command(tmp_path):
     summary = (root / "summary.md").read_text()
     assert "<config>" not in summary
     assert f"msam study {root / 'study.yaml'}" in summary and (root / "study.yaml").is_file()
+
+
+def test_plotting_lives_in_one_module():
+    """Issue 25: one matplotlib setup (msam.plotting); studies, the bench and msam.analysis use
+    it, and nothing selects a backend or uses pyplot's global state."""
+    src = Path(study_mod.__file__).resolve().parents[1]
+    users = sorted(str(p.relative_to(src)) for p in src.rglob("*.py")
+                   if "import matplotlib" in p.read_text() or "from matplotlib" in p.read_text())
+    assert users == ["plotting.py"]
+    assert "pyplot" not in (src / "plotting.py").read_text()

@@ -719,9 +719,59 @@ def _load_verified_checkpoint(run_dir: Path, files: RunFiles, device: torch.devi
     return None
 
 
+@dataclass
+class _Run:
+    """The state of one run while it trains (what the steps of :func:`_train` share)."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    files: RunFiles
+    device: torch.device
+    log: Callable[[str], None]
+    data: _Data
+    steps_per_epoch: int
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    scheduler: Any
+    factor: Callable[[int], float]
+    scaler: Any
+    autocast: Callable[[], Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+    global_step: int = 0
+    elapsed: float = 0.0
+    resumed_from: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def result(self, completed: bool, sharpness: dict[str, Any] | None = None) -> RunResult:
+        return RunResult(self.run_dir, self.cfg, self.history, completed, self.elapsed,
+                         sharpness, self.resumed_from, self.info)
+
+
 def _train(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.device,
            ckpt: dict | None, log: Callable[[str], None],
            stop_after_epochs: int | None) -> RunResult:
+    """Set up (or restore) the run, train its remaining epochs, then finish it."""
+    run = _set_up(cfg, run_dir, files, device, ckpt, log)
+    if ckpt is not None:
+        _restore(run, ckpt)
+    _write_start_files(run, resumed=ckpt is not None)
+    tb = _TensorBoard(cfg, run_dir, log)
+    try:
+        for n, epoch in enumerate(range(run.start_epoch, cfg.epochs), 1):
+            row = _train_epoch(run, epoch)
+            tb.log(row)
+            if stop_after_epochs is not None and n >= stop_after_epochs \
+                    and epoch + 1 < cfg.epochs:
+                return run.result(False)
+    finally:
+        tb.close()
+    return _finish(run)
+
+
+def _set_up(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.device,
+            ckpt: dict | None, log: Callable[[str], None]) -> _Run:
+    """Data, model, optimizer, schedule and scaler of a run (seeded as a fresh run)."""
     try:
         data = _prepare_data(cfg, device, None if ckpt is None else ckpt.get("tokenizer"))
     except ValueError as err:  # bad data files, or a subset / split the data cannot give
@@ -738,7 +788,6 @@ def _train(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.devic
                  or cfg.max_steps_per_epoch >= num_batches(data.train, cfg.batch_size)):
         raise ConfigError(f"config: key 'drop_last' is false and the last batch has {last} "
                           f"examples, fewer than micro_batches={cfg.micro_batches}")
-
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
@@ -746,158 +795,167 @@ def _train(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.devic
     opt = build_optimizer(cfg, model, steps_per_epoch)
     scheduler, factor = _build_scheduler(cfg, opt, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    autocast = _autocast(cfg, device)
-
-    history: list[dict[str, Any]] = []
-    start_epoch, global_step, elapsed = 0, 0, 0.0
-    resumed_from = None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        # The schedule is rebuilt from the config (epochs may have changed): set the lr of
-        # the next step from it (identical to the saved value when nothing changed).
-        for group, base_lr in zip(opt.param_groups, scheduler.base_lrs):
-            group["lr"] = base_lr * factor(scheduler.last_epoch)
-        scheduler._last_lr = [g["lr"] for g in opt.param_groups]
-        if scaler is not None and ckpt.get("scaler") is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        restore_rng_state(ckpt["rng"])
-        history = [dict(r) for r in ckpt["history"]]
-        start_epoch = int(ckpt["epoch"])
-        global_step = int(ckpt["global_step"])
-        elapsed = float(ckpt.get("train_time_s", 0.0))
-        resumed_from = start_epoch
-        log(f"resuming {run_dir} from epoch {start_epoch} (step {global_step})")
-
-    info = {
+    run = _Run(cfg, run_dir, files, device, log, data, steps_per_epoch, model, opt, scheduler,
+               factor, scaler, _autocast(cfg, device))
+    run.info = {
         "device": str(device), "torch": str(torch.__version__), "msam": msam.__version__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "steps_per_epoch": steps_per_epoch, "sizes": data.meta["sizes"],
         "label_noise": data.meta.get("label_noise"), "threads": torch.get_num_threads(),
     }
+    return run
+
+
+def _restore(run: _Run, ckpt: dict) -> None:
+    """Everything a checkpoint holds, so that the run continues bit-identically."""
+    run.model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    # The schedule is rebuilt from the config (epochs may have changed): set the lr of the next
+    # step from it (identical to the saved value when nothing changed).
+    for group, base_lr in zip(run.opt.param_groups, run.scheduler.base_lrs):
+        group["lr"] = base_lr * run.factor(run.scheduler.last_epoch)
+    run.scheduler._last_lr = [g["lr"] for g in run.opt.param_groups]
+    if run.scaler is not None and ckpt.get("scaler") is not None:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    restore_rng_state(ckpt["rng"])
+    run.history = [dict(r) for r in ckpt["history"]]
+    run.start_epoch = run.resumed_from = int(ckpt["epoch"])
+    run.global_step = int(ckpt["global_step"])
+    run.elapsed = float(ckpt.get("train_time_s", 0.0))
+    run.log(f"resuming {run.run_dir} from epoch {run.start_epoch} (step {run.global_step})")
+
+
+def _write_start_files(run: _Run, resumed: bool) -> None:
+    """The resolved config and run info (and, on resume, metrics cut to the checkpoint)."""
+    cfg, info = run.cfg, run.info
     start_files = {**_config_files(cfg), "run_info.json": _json_bytes(info)}
-    if ckpt is not None:  # drop rows of an epoch the checkpoint does not hold
-        start_files.update(_metrics_files(history))
-    files.write(start_files)
-    if ckpt is None:
-        sched = getattr(opt, "schedule", None)
+    if resumed:  # drop rows of an epoch the checkpoint does not hold
+        start_files.update(_metrics_files(run.history))
+    run.files.write(start_files)
+    if not resumed:
+        sched = getattr(run.opt, "schedule", None)
         sched_text = "" if sched is None or sched.trivial else f" {sched!r}"
-        log(f"{cfg.optimizer} ({cfg.base}) rho={cfg.rho} m={cfg.micro_batches}{sched_text} on "
-            f"{cfg.dataset} ({info['sizes']['train']} train) with {cfg.model} "
-            f"({info['parameters']:,} params), {cfg.epochs} epochs x {steps_per_epoch} steps, "
-            f"{device}")
+        run.log(f"{cfg.optimizer} ({cfg.base}) rho={cfg.rho} m={cfg.micro_batches}{sched_text} "
+                f"on {cfg.dataset} ({info['sizes']['train']} train) with {cfg.model} "
+                f"({info['parameters']:,} params), {cfg.epochs} epochs x "
+                f"{run.steps_per_epoch} steps, {run.device}")
 
-    is_msam = isinstance(opt, msam.MSAM)
-    tb = _TensorBoard(cfg, run_dir, log)
-    epochs_this_call = 0
+
+def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
+    """One epoch: its steps, the evaluation, then last.pt and the metrics in one write."""
+    cfg, opt = run.cfg, run.opt
+    t0 = time.perf_counter()
+    run.model.train()
+    tracker = _AccuracyTracker(run.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    loss_n = skipped = 0
+    lr_used = opt.param_groups[0]["lr"]
+    loss_fn = _loss_fn(run, tracker)
+    bar = _progress(cfg, run.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
+    batches = iterate_batches(run.data.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                              epoch=epoch, augment=cfg.augment, drop_last=cfg.drop_last)
+    for b, (x, y) in zip(range(run.steps_per_epoch), batches):
+        tracker.new_step()
+        lr_used = opt.param_groups[0]["lr"]
+        loss, step_skipped = _step(run, loss_fn, run.data.batch("train", x, y), epoch)
+        if step_skipped:
+            skipped += 1
+        else:
+            loss_sum += loss.detach().double() * int(y.shape[0])
+            loss_n += int(y.shape[0])
+        run.scheduler.step()
+        run.global_step += 1
+        if bar is not None:
+            bar.update(1)
+            if b % 10 == 0 or b == run.steps_per_epoch - 1:
+                acc = tracker.value()
+                bar.set_postfix(loss=f"{float(loss_sum) / max(loss_n, 1):.4f}",
+                                acc="-" if acc is None else f"{100 * acc:.1f}%")
+    if bar is not None:
+        bar.close()
+    train_stats = {"lr": lr_used, "train_loss": float(loss_sum.item()) / loss_n if loss_n
+                   else None, "train_acc": tracker.value(), "skipped_steps": skipped}
+    return _end_epoch(run, epoch, train_stats, t0)
+
+
+def _loss_fn(run: _Run, tracker: _AccuracyTracker) -> Callable[[Any], torch.Tensor]:
+    def loss_fn(mb: Any) -> torch.Tensor:
+        inputs, y = mb
+        with run.autocast():
+            logits = run.model(inputs)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=run.cfg.label_smoothing)
+        tracker.observe(mb, logits, y)
+        return loss
+
+    return loss_fn
+
+
+def _step(run: _Run, loss_fn: Callable[[Any], torch.Tensor], batch: Any,
+          epoch: int) -> tuple[torch.Tensor, bool]:
+    """One optimizer step: ``(loss, skipped)``; a failure becomes a TrainingError."""
+    opt, scaler = run.opt, run.scaler
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            model.train()
-            tracker = _AccuracyTracker(device)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            loss_n = 0
-            skipped = 0
-            lr_used = opt.param_groups[0]["lr"]
+        if isinstance(opt, msam.MSAM):
+            loss = opt.step(loss_fn, batch, scaler=scaler)
+            if scaler is not None:
+                scaler.update()
+            return loss, bool(opt.last_result is not None and opt.last_result.skipped)
+        return _base_step(run.cfg, opt, loss_fn, batch, scaler)
+    except Exception as err:
+        raise _step_failed(run.files, epoch, run.global_step, err) from err
 
-            def loss_fn(mb: Any, _tracker: _AccuracyTracker = tracker) -> torch.Tensor:
-                inputs, y = mb
-                with autocast():
-                    logits = model(inputs)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                _tracker.observe(mb, logits, y)
-                return loss
 
-            bar = _progress(cfg, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
-            batches = iterate_batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                      epoch=epoch, augment=cfg.augment, drop_last=cfg.drop_last)
-            for b, (x, y) in enumerate(batches):
-                if b >= steps_per_epoch:
-                    break
-                batch = data.batch("train", x, y)
-                n = int(y.shape[0])
-                tracker.new_step()
-                lr_used = opt.param_groups[0]["lr"]
-                try:
-                    if is_msam:
-                        loss = opt.step(loss_fn, batch, scaler=scaler)
-                        step_skipped = bool(opt.last_result is not None
-                                            and opt.last_result.skipped)
-                        if scaler is not None:
-                            scaler.update()
-                    else:
-                        loss, step_skipped = _base_step(cfg, opt, loss_fn, batch, scaler)
-                except Exception as err:
-                    raise _step_failed(files, epoch, global_step, err) from err
-                if step_skipped:
-                    skipped += 1
-                else:
-                    loss_sum += loss.detach().double() * n
-                    loss_n += n
-                scheduler.step()
-                global_step += 1
-                if bar is not None:
-                    bar.update(1)
-                    if b % 10 == 0 or b == steps_per_epoch - 1:
-                        acc = tracker.value()
-                        bar.set_postfix(loss=f"{float(loss_sum) / max(loss_n, 1):.4f}",
-                                        acc="-" if acc is None else f"{100 * acc:.1f}%")
-            if bar is not None:
-                bar.close()
+def _end_epoch(run: _Run, epoch: int, train_stats: dict[str, Any], t0: float) -> dict[str, Any]:
+    """Evaluate (every ``eval_every`` epochs and at the end), record and log the epoch."""
+    cfg, data = run.cfg, run.data
+    val_loss = val_acc = test_loss = test_acc = None
+    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        if data.val is not None:
+            val_loss, val_acc = evaluate(run.model, data, "val", cfg.eval_batch_size,
+                                         run.autocast)
+        test_loss, test_acc = evaluate(run.model, data, "test", cfg.eval_batch_size,
+                                       run.autocast)
+    epoch_time = time.perf_counter() - t0  # the evaluation included
+    run.elapsed += epoch_time
+    row = {"epoch": epoch + 1, "step": run.global_step, **train_stats, "val_loss": val_loss,
+           "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
+           "epoch_time_s": round(epoch_time, 4), "elapsed_s": round(run.elapsed, 4)}
+    row = {k: _clean(row[k]) for k in METRIC_COLUMNS}
+    run.history.append(row)
+    # One checksummed write: last.pt (the previous one kept as prev.pt), then the metrics, so
+    # they never list an epoch the checkpoint does not hold.
+    run.files.write({"last.pt": _checkpoint_bytes(cfg, run.model, run.opt, run.scheduler,
+                                                  run.scaler, epoch + 1, run.global_step,
+                                                  run.history, run.elapsed, data),
+                     **_metrics_files(run.history)}, rotate=("last.pt", "prev.pt"))
+    skipped = row["skipped_steps"]
+    run.log(f"epoch {epoch + 1}/{cfg.epochs}  loss {_fmt(row['train_loss'])}  "
+            f"acc {_fmt(row['train_acc'], True)}  val {_fmt(val_acc, True)}  "
+            f"test {_fmt(test_acc, True)}  lr {row['lr']:.4g}  {epoch_time:.1f}s"
+            + (f"  skipped {skipped}" if skipped else ""))
+    return row
 
-            evaluate_now = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
-            val_loss = val_acc = test_loss = test_acc = None
-            if evaluate_now:
-                if data.val is not None:
-                    val_loss, val_acc = evaluate(model, data, "val", cfg.eval_batch_size,
-                                                 autocast)
-                test_loss, test_acc = evaluate(model, data, "test", cfg.eval_batch_size,
-                                               autocast)
-            epoch_time = time.perf_counter() - t0
-            elapsed += epoch_time
-            row = {
-                "epoch": epoch + 1, "step": global_step, "lr": lr_used,
-                "train_loss": float(loss_sum.item()) / loss_n if loss_n else None,
-                "train_acc": tracker.value(), "val_loss": val_loss, "val_acc": val_acc,
-                "test_loss": test_loss, "test_acc": test_acc, "skipped_steps": skipped,
-                "epoch_time_s": round(epoch_time, 4), "elapsed_s": round(elapsed, 4),
-            }
-            row = {k: _clean(v) for k, v in row.items()}
-            history.append(row)
-            # One checksummed write: last.pt (the previous one kept as prev.pt), then the
-            # metrics, so they never list an epoch the checkpoint does not hold.
-            files.write({"last.pt": _checkpoint_bytes(cfg, model, opt, scheduler, scaler,
-                                                      epoch + 1, global_step, history,
-                                                      elapsed, data),
-                         **_metrics_files(history)}, rotate=("last.pt", "prev.pt"))
-            tb.log(row)
-            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {_fmt(row['train_loss'])}  "
-                f"acc {_fmt(row['train_acc'], True)}  val {_fmt(val_acc, True)}  "
-                f"test {_fmt(test_acc, True)}  lr {lr_used:.4g}  {epoch_time:.1f}s"
-                + (f"  skipped {skipped}" if skipped else ""))
-            epochs_this_call += 1
-            if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs \
-                    and epoch + 1 < cfg.epochs:
-                return RunResult(run_dir, cfg, history, False, elapsed, None, resumed_from, info)
-    finally:
-        tb.close()
 
-    files.write({"final.pt": torch_bytes({
-        "format": "msam-model", "version": 1, "model": model.state_dict(),
+def _finish(run: _Run) -> RunResult:
+    """final.pt, the sharpness measurement, then done.json (written last: the run is done)."""
+    cfg, data, history = run.cfg, run.data, run.history
+    run.files.write({"final.pt": torch_bytes({
+        "format": "msam-model", "version": 1, "model": run.model.state_dict(),
         "config": cfg.to_dict(), "tokenizer": data.tokenizer_state,
         "num_classes": data.num_classes, "input_shape": list(data.input_shape),
         "metrics": history[-1] if history else {},
     })})
-    sharp = _measure_sharpness(cfg, model, data, run_dir, log)
-    files.write({"done.json": _json_bytes({
+    sharp = _measure_sharpness(cfg, run.model, data, run.run_dir, run.log)
+    run.files.write({"done.json": _json_bytes({
         "status": "done", "epochs": cfg.epochs, "final": history[-1] if history else {},
-        "train_time_s": elapsed, "sharpness": sharp,
-        "sharpness_metrics": list(cfg.sharpness.metrics), "info": info, "config": cfg.to_dict(),
+        "train_time_s": run.elapsed, "sharpness": sharp,
+        "sharpness_metrics": list(cfg.sharpness.metrics), "info": run.info,
+        "config": cfg.to_dict(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })})
-    return RunResult(run_dir, cfg, history, True, elapsed, sharp, resumed_from, info)
+    return run.result(True, sharp)
 
 
 def _base_step(cfg: TrainConfig, opt: torch.optim.Optimizer, loss_fn: Callable,
