@@ -37,6 +37,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "grid": {
         "optimizer": ["sgd", "sam", "msam"],
         "micro_batches": [8],
+        "rho": [0.1],
         "seed": [0, 1],
     },
     # SAM also at the matched radius rho x sqrt(m) = 0.1 x sqrt(8): the fair comparison.

@@ -214,7 +214,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo: {t.dataset}, {t.label_noise:.0%} label noise, {t.model}, {t.epochs} epochs, "
           f"config {source}, output {t.out_dir}", flush=True)
     print(DEMO_WHAT, flush=True)
-    root = run_study(study, quiet=args.quiet)
+    root = run_study(study, quiet=args.quiet,
+                     command=" ".join(["msam", *map(shlex.quote, sys.argv[1:])]))
     print(DEMO_WHAT)
     gap = demo_gap(root / "runs.csv")
     if gap:
