@@ -237,3 +237,20 @@ def test_docs_error_examples_are_what_the_cli_says(tmp_path, capsys):
     shown = err.removeprefix("msam: error: ").split("; valid keys")[0].replace(str(path),
                                                                                "run.yaml")
     assert f"`{shown}; valid keys: ...`" in docs
+
+
+# -- case 4 (second half): a changed m must never be silently ignored -------------------------
+
+def test_study_override_shadowed_by_a_grid_axis_is_refused(tmp_path, capsys):
+    """``msam study --set micro_batches=4`` with ``grid.micro_batches: [8]``: every run kept the
+    grid's m without a word (the finished runs were "resumed" as they were)."""
+    path = tmp_path / "study.yaml"
+    path.write_text(TINY + "name: s\ngrid:\n  optimizer: [msam]\n  micro_batches: [8]\n"
+                    "  seed: [0, 1]\n")
+    err = _usage_error(capsys, ["study", str(path), "--set", "micro_batches=4", "--dry-run"])
+    assert "--set micro_batches=4: key 'micro_batches' is also a grid axis" in err
+    assert "--set grid.micro_batches=" in err
+    err = _usage_error(capsys, ["study", str(path), "--set", "seed=3", "--dry-run"])
+    assert "key 'seed' is also a grid axis (grid.seed)" in err
+    assert main(["study", str(path), "--set", "grid.micro_batches=[4]", "--dry-run"]) == 0
+    assert "m=4" in capsys.readouterr().out

@@ -138,11 +138,27 @@ def study_from_dict(
                 raise ConfigError(f"{where('cases')}: key 'cases[{i}].{k}' is also a grid axis "
                                   "(or optimizer / seed); put it in one place")
         checked_cases.append({k: v[0] for k, v in one.items()})
+    _refuse_shadowed_overrides(sources, grid_axes, checked_cases)
     if select is not None:
         select = _check_select(select, grid_axes, pm, checked_cases, where)
     return StudyConfig(train=train, grid=grid_axes, per_method=pm, name=name, plots=plots,
                        select=select, description=description.strip(), raw=dict(raw),
                        source=source, cases=checked_cases)
+
+
+def _refuse_shadowed_overrides(sources: Mapping[str, str], grid: Mapping[str, Any],
+                               cases: list[dict[str, Any]]) -> None:
+    """A training key set on the command line (``--set micro_batches=4``) that is also a grid
+    axis (or set by every case) would be overridden in every run without a word: refuse it.
+    (A ``per_method`` axis is not refused: the other methods use the value.)"""
+    for key, label in sources.items():
+        if key in grid:
+            raise ConfigError(f"{label}: key '{key}' is also a grid axis (grid.{key}), whose "
+                              "values every run uses, so this value would be ignored; set "
+                              f"grid.{key} instead (e.g. --set grid.{key}=[...])")
+        if cases and all(key in c for c in cases):
+            raise ConfigError(f"{label}: key '{key}' is set by every one of the study's cases, "
+                              "so this value would be ignored; change the cases instead")
 
 
 def _check_select(select: Any, grid: Mapping[str, list[Any]],
