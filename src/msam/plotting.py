@@ -31,7 +31,7 @@ __all__ = [
 
 
 def figure(width: float, height: float, nrows: int = 1, ncols: int = 1,
-           layout: str | None = "constrained") -> tuple[Any, list[Any]]:
+           layout: Any = "constrained") -> tuple[Any, list[Any]]:
     """A figure on the Agg canvas and its ``nrows * ncols`` axes (row by row)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -25,7 +25,7 @@ import json
 import types
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import annotated_types as at
 from pydantic import (
@@ -51,6 +51,9 @@ from .configfile import (
     read_config_file,
     where_fn,
 )
+
+if TYPE_CHECKING:  # at run time: __getattr__ below (studyconfig imports this module)
+    from .studyconfig import StudyConfig, load_study_config, study_from_dict  # noqa: F401
 
 __all__ = [  # and, from studyconfig: StudyConfig, study_from_dict, load_study_config
     "METHODS", "VARIANT_KEYS", "ConfigError", "SharpnessConfig", "TrainConfig",
@@ -144,7 +147,7 @@ class _Constructed(type(BaseModel)):  # type: ignore[misc]
             raise _config_error(err, cls, lambda _key: "config", cls._key) from None
 
 
-class _Schema(BaseModel, metaclass=_Constructed):
+class _Schema(BaseModel, metaclass=_Constructed):  # type: ignore[misc]
     """Shared behaviour: unknown keys are errors; construction errors are ConfigErrors."""
 
     model_config = ConfigDict(extra="forbid", validate_default=False)
