@@ -54,7 +54,8 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
                    help="folder searched first for file-based datasets (sets data_dir)")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads (sets threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--quiet", "-q", action="store_true", help="no per-epoch log lines")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no per-epoch log lines (warnings are still printed, on stderr)")
 
 
 def build_parser(plugin_name: str | None = None, plugin: ModuleType | None = None
