@@ -45,7 +45,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--checkpoint", default="ddp_train_checkpoint.pt")
+    p.add_argument("--checkpoint", default=os.path.join("runs", "ddp_train", "checkpoint.pt"),
+                   help="checkpoint path (default under runs/, which git ignores)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     return p.parse_args()
 
@@ -81,6 +82,20 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     distributed = "RANK" in os.environ  # set by torchrun
+    try:
+        train(args, distributed)
+    finally:
+        if distributed and dist.is_initialized():
+            # Every rank reaches this point before any tears gloo down: a rank that leaves
+            # while another still has a collective in flight aborts the process at exit
+            # ("terminate called without an active exception"), seen on a resume with no
+            # epoch left to train.
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, distributed: bool) -> None:
+    os.makedirs(os.path.dirname(args.checkpoint) or ".", exist_ok=True)
     if distributed:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
@@ -140,8 +155,6 @@ def main() -> None:
         if rank == 0:
             print(f"epoch {epoch + 1}: train loss {train_loss:.4f}  test acc {acc:.4f}  "
                   f"({time.perf_counter() - t0:.1f}s)", flush=True)
-    if distributed:
-        dist.destroy_process_group()
 
 
 @torch.no_grad()

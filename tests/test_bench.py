@@ -4,6 +4,7 @@ PNG. No timing is asserted (the machine is shared); memory numbers are determini
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -115,3 +116,43 @@ def test_render_rewrites_reports_from_json(bench_out, tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text("[]")
     assert cli.main(["--render", str(bad), "-q"]) == 2
+
+
+def test_memory_probe_prints_no_profiler_lines(capfd):
+    """Issue 25 case 13: torch's profiler writes two ``USDT:`` lines per profiled step to fd 2;
+    the bench drops them (and passes any other output on)."""
+    model = torch.nn.Linear(4, 4)
+    x = torch.randn(8, 4)
+
+    def step():
+        os.write(2, b"a real warning\n")
+        return model(x).sum()
+
+    measure_step_memory(step, model, list, None, torch.device("cpu"))
+    err = capfd.readouterr().err
+    assert "USDT" not in err
+    assert err.count("a real warning") == 2  # the warm-up step and the measured one
+
+
+def test_targets_table_says_why_a_target_is_missed():
+    from msam.bench.report import markdown_report
+
+    def row(key, method, m, strategy, ratio_sgd, ratio_sam, mem=None):
+        return {"key": key, "label": key, "method": method, "m": m, "strategy": strategy,
+                "micro_batch_size": 8 // m, "ratio_sgd": ratio_sgd, "ratio_sam": ratio_sam,
+                "memory_ratio_sam": mem, "time_s": {}, "memory": {}}
+
+    meta = {"device": "cpu", "torch": "x", "threads": 1, "batch_size": 8, "rho": 0.05,
+            "date": "today", "command": "msam bench", "memory_method": "profiler"}
+    data = {"meta": meta, "models": [{
+        "model": "resnet20", "params": 1, "input": "x", "batch_size": 8, "batchnorm": True,
+        "rounds": 3, "warmup_rounds": 1, "param_bytes": 4,
+        "results": [row("sgd", "sgd", 1, "", 1.0, 0.5), row("sam", "sam", 1, "", 2.5, 1.0),
+                    row("msam-loop-m4", "msam", 4, "loop", 3.0, 1.2, mem=1.0)]}]}
+    md = markdown_report(data)
+    targets = md.split("## Targets")[1].split("\n## ")[0]
+    misses = [line for line in targets.splitlines() if "**no**" in line]
+    assert len(misses) == 2
+    for line in misses:
+        why = line.rstrip(" |").rsplit("|", 1)[1].strip()
+        assert len(why) > 20, line

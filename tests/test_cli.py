@@ -191,3 +191,30 @@ def test_closed_stdout_ends_quietly(tmp_path, monkeypatch, capsys):
     code = main(["study", str(cfg), "--dry-run"])
     assert code == 0
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_demo_compares_mSAM_with_SAM_at_the_matched_radius():
+    """Issue 25 case 15: SAM at rho x sqrt(m) runs next to mSAM, and the closing lines say
+    that it matches mSAM (no claim that mSAM beats SAM)."""
+    import math
+
+    from msam.cli.demo import DEMO_CLOSING, DEMO_WHAT
+
+    rho, (m,) = DEMO_CONFIG["rho"], DEMO_CONFIG["grid"]["micro_batches"]
+    sam_rhos = DEMO_CONFIG["per_method"]["sam"]["rho"]
+    assert rho in sam_rhos and any(abs(r - rho * math.sqrt(m)) < 1e-3 for r in sam_rhos)
+    assert "higher clean test accuracy" not in DEMO_WHAT
+    assert "rho x sqrt(m)" in DEMO_WHAT and "rho x sqrt(m)" in DEMO_CLOSING
+    assert "same clean test accuracy" in DEMO_CLOSING
+
+
+def test_demo_gap_line_shows_each_sam_radius(tmp_path):
+    from msam.cli.demo import demo_gap
+
+    rows = ["run,method,rho,micro_batches,seed,status,test_acc",
+            "sgd_s0,sgd,,,0,done,0.70", "sam_rho0.1_s0,sam,0.1,,0,done,0.80",
+            "sam_rho0.283_s0,sam,0.283,,0,done,0.875", "msam_m8_s0,msam,0.1,8,0,done,0.875"]
+    (tmp_path / "runs.csv").write_text("\n".join(rows) + "\n")
+    assert demo_gap(tmp_path / "runs.csv") == (
+        "Test accuracy, mean of 1 seed: SGD 70.00%, SAM (rho 0.1) 80.00%, SAM (rho 0.283) "
+        "87.50%, best mSAM (m = 8) 87.50%: mSAM - SGD = +17.50 points.")

@@ -48,3 +48,17 @@ def test_sharpness_cli_errors_name_the_problem(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert main(["sharpness", str(bad)]) == 2
     assert "bad.pt" in capsys.readouterr().err
+
+
+def test_sharpness_m_is_a_count_and_rho_is_the_same_for_every_run(tmp_path, capsys):
+    """Issue 25 case 12: ``--m 4`` means 4 micro-batches (of 8 in a batch of 32), as m means
+    everywhere else; the default radius is 0.05 whatever the run's rho, so runs compare."""
+    run_dir = train(tiny(tmp_path, epochs=1, rho=0.2, max_steps_per_epoch=1), quiet=True).run_dir
+    out = tmp_path / "m.json"
+    assert main(["sharpness", str(run_dir), "--metrics", "m_sharpness", "--examples", "64",
+                 "--batch-size", "32", "--m", "4", "--json", str(out)]) == 0
+    cfg = json.loads(out.read_text())["config"]
+    assert cfg["m"] == 8 and cfg["rho"] == 0.05
+    assert main(["sharpness", str(run_dir), "--metrics", "m_sharpness", "--examples", "64",
+                 "--batch-size", "32", "--m", "5"]) == 2
+    assert "must divide" in capsys.readouterr().err

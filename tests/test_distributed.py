@@ -184,3 +184,23 @@ def test_nonfinite_raise_names_the_rank(ranks):
 
 def test_failed_step_leaves_checkpoint_intact(ranks):
     assert all(r["faults"]["checkpoint_intact"] for r in ranks)
+
+
+def test_ddp_example_writes_its_checkpoint_under_runs(tmp_path):
+    """Issue 25 case 14: the example's default checkpoint is under runs/ (git-ignored), not in
+    the directory it is started from."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "examples" / "ddp_train.py"), "--epochs",
+                           "1", "--batch-size", "256"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root / "src")})
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]
+    assert (tmp_path / "runs" / "ddp_train" / "checkpoint.pt").is_file()
+    ignored = subprocess.run(["git", "check-ignore", "-q", "runs/ddp_train/checkpoint.pt"],
+                             cwd=root)
+    assert ignored.returncode == 0

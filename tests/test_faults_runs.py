@@ -168,7 +168,7 @@ def test_flipped_byte_in_last_checkpoint_falls_back_to_the_previous(reference, t
     _flip(out / "last.pt", _where(out, where))
     assert RunFiles(out).verify("last.pt") is False
     res = train(cfg, resume=True)
-    log = capsys.readouterr().out
+    log = capsys.readouterr().err  # a warning: on stderr, even with quiet=True
     assert "last.pt does not match its SHA-256" in log and "resuming from prev.pt (epoch 1)" in log
     assert res.completed and (out / "last.pt.corrupt").is_file()
     assert_identical_to(reference, out)
@@ -320,7 +320,11 @@ def test_resume_never_overwrites_a_finished_run(reference, tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     cfg_path = tmp_path / "run.json"
     cfg_path.write_text(json.dumps(tiny(run).to_dict()))
-    assert main(["train", str(cfg_path), "--resume", "-q"]) == 2
+    # returned as it is (never retrained), even with its checkpoints gone ...
+    assert main(["train", str(cfg_path), "--resume", "-q"]) == 0
+    assert before == {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    # ... but it cannot be extended without them
+    assert main(["train", str(cfg_path), "--resume", "-q", "--epochs", "4"]) == 2
     err = capsys.readouterr().err
     assert "finished run" in err and "--rerun" in err and "Traceback" not in err
     assert before == {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}

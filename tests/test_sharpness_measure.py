@@ -189,3 +189,20 @@ def test_format_table():
     plain = format_table(res, markdown=False)
     assert "|" not in plain and plain.splitlines()[0].startswith("metric")
     assert len(res["details"]["trace"]["samples"]) == 4
+
+
+def test_measure_takes_the_optimizers_loss_fn_form():
+    """Issue 25 case 12: ``loss_fn(batch)``, as msam.MSAM takes it, gives the same numbers as
+    ``loss_fn(model, batch)``; ``micro_batches`` is a count, as for the optimizer."""
+    model, loss_fn, batches = bn_cnn()
+    one_arg = lambda b: F.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    kw = dict(metrics=("loss", "lambda_max", "m_sharpness"), max_iter=20, seed=1)
+    two = measure(model, loss_fn, batches, m=2, **kw)
+    one = measure(model, one_arg, batches, micro_batches=3, **kw)  # 6 examples / 3 = size 2
+    for key in ("loss", "lambda_max", "m_sharpness"):
+        assert one[key] == pytest.approx(two[key], rel=1e-12), key
+    assert one["config"]["m"] == 2
+    with pytest.raises(ValueError, match="not both"):
+        measure(model, loss_fn, batches, m=2, micro_batches=3)
+    with pytest.raises(ValueError, match="must divide"):
+        measure(model, loss_fn, batches, micro_batches=4)

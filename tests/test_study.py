@@ -341,3 +341,25 @@ def test_grid_over_a_mapping_names_summarises_and_selects(tmp_path, monkeypatch)
 def test_dotted_grid_key_is_named_by_its_last_part(tmp_path):
     study = _study(tmp_path, ["grid={optimizer: [sgd], model_options.hidden: [[16], [8]]}"])
     assert [r.name for r in expand_grid(study)] == ["sgd_hidden16_s0", "sgd_hidden8_s0"]
+
+
+def test_summary_reproduce_line_is_a_real_command(tmp_path):
+    """Issue 25 case 13: without a recorded command line (the Python API), the summary's
+    Reproduce section names the study config it wrote, not a placeholder."""
+    study = _study(tmp_path, ["grid.optimizer=[sgd]", "grid.seed=[0]", "grid.micro_batches=[1]",
+                              "epochs=1", "plots=false"])
+    root = run_study(study, quiet=True, printer=lambda s: None)
+    summary = (root / "summary.md").read_text()
+    assert "<config>" not in summary
+    assert f"msam study {root / 'study.yaml'}" in summary and (root / "study.yaml").is_file()
+
+
+def test_plotting_lives_in_one_module():
+    """Issue 25: one matplotlib setup (msam.plotting); studies, the bench and msam.analysis use
+    it, and nothing selects a backend or uses pyplot's global state."""
+    src = Path(study_mod.__file__).resolve().parents[1]
+    users = sorted(str(p.relative_to(src)) for p in src.rglob("*.py")
+                   if "import matplotlib" in p.read_text() or "from matplotlib" in p.read_text())
+    assert users == ["plotting.py"]
+    text = (src / "plotting.py").read_text()
+    assert "matplotlib.pyplot" not in text and "matplotlib.use(" not in text

@@ -52,6 +52,7 @@ def measure(
     m: int | None = None,
     seed: int = 0,
     *,
+    micro_batches: int | None = None,
     k: int = 5,
     method: str = "lanczos",
     max_iter: int = 100,
@@ -79,7 +80,14 @@ def measure(
     ``average_sharpness``    :func:`average_sharpness` with ``num_samples`` directions
     ``spectral_density``     SLQ density (``slq_runs`` x ``slq_steps``) on ``slq_points``
 
-    ``m=None`` uses the size of the first batch (each batch is one micro-batch).
+    ``loss_fn`` is ``loss_fn(batch)``, as for :class:`msam.MSAM` (it calls ``model``, whose
+    parameters are perturbed in place), or ``loss_fn(model, batch)`` as in the lower-level
+    functions of :mod:`msam.analysis`; the number of required arguments decides.
+
+    ``micro_batches=M`` splits each batch into ``M`` micro-batches for ``m_sharpness`` (a
+    count, as ``micro_batches`` of the optimizer). ``m`` is the alternative the m-sharpness
+    literature uses (Andriushchenko & Flammarion 2022): the micro-batch *size*; give one of
+    them. Neither: each batch is one micro-batch.
 
     Returns a dict with the headline numbers at the top level (``"lambda_max"``,
     ``"trace"``, ``"trace_se"``, ``"m_sharpness"``, ...), full per-metric ``"details"``,
@@ -87,11 +95,19 @@ def measure(
     Raw per-probe / per-micro-batch samples are included only if ``include_samples``.
     """
     batches = as_batch_list(batches)
+    loss_fn = _model_and_batch(loss_fn)
     unknown = [name for name in metrics if name not in AVAILABLE_METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; available: {list(AVAILABLE_METRICS)}")
     params = trainable_parameters(model)
     _, num_examples = batch_weights(batches)
+    if m is not None and micro_batches is not None:
+        raise ValueError("give m (micro-batch size) or micro_batches (their count), not both")
+    if micro_batches is not None:
+        size = batch_size(batches[0])
+        if micro_batches < 1 or size % micro_batches:
+            raise ValueError(f"micro_batches={micro_batches} must divide the batch size {size}")
+        m = size // micro_batches
     m_eff = int(m) if m is not None else batch_size(batches[0])
 
     def _drop_samples(d: dict[str, Any]) -> dict[str, Any]:
@@ -214,6 +230,21 @@ def measure(
         "num_parameters": int(sum(p.numel() for p in params)),
     }
     return _jsonable(result)
+
+
+def _model_and_batch(loss_fn: Callable[..., Any]) -> LossFn:
+    """``loss_fn(model, batch)`` from either form (see :func:`measure`)."""
+    import inspect
+
+    try:
+        params = inspect.signature(loss_fn).parameters.values()
+    except (TypeError, ValueError):  # no signature (a builtin): the documented two-arg form
+        return loss_fn
+    required = [p for p in params if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(required) == 1 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        return lambda _model, batch: loss_fn(batch)
+    return loss_fn
 
 
 def _jsonable(x: Any) -> Any:

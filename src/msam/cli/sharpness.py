@@ -23,8 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--examples", type=int, default=2048, help="training examples (seeded)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rho", type=float, default=None, help="m-sharpness radius (default: run's)")
-    p.add_argument("--m", type=int, default=None, help="m-sharpness micro-batch size")
+    p.add_argument("--rho", type=float, default=None,
+                   help="m-sharpness radius (default 0.05 for every run, so runs compare)")
+    p.add_argument("--m", type=int, default=None,
+                   help="m-sharpness: micro-batches per batch, a count as for training (default "
+                        "1); must divide --batch-size")
     p.add_argument("--probes", type=int, default=None, help="Hutchinson probes for trace")
     p.add_argument("--max-iter", type=int, default=None, help="Lanczos iteration cap")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")

@@ -16,7 +16,7 @@ from .containers import ArrayDataset, DatasetSplits
 from .download import download_file, md5_of_file
 from .errors import ChecksumError, DatasetNotFoundError, DownloadError
 from .idx import read_idx, write_idx
-from .loading import DATASETS, load_dataset
+from .loading import DATASETS, check_available, load_dataset
 from .sources import (
     FASHION_MNIST_MD5,
     FASHION_MNIST_URL,
@@ -37,6 +37,7 @@ __all__ = [
     "DatasetSplits",
     "DownloadError",
     "add_symmetric_label_noise",
+    "check_available",
     "download_fashion_mnist",
     "download_file",
     "find_fashion_mnist",

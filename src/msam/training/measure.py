@@ -70,7 +70,12 @@ def measure_checkpoint(
     m: int | None = None,
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Measure ``metrics`` on ``examples`` training examples of the run at ``path``."""
+    """Measure ``metrics`` on ``examples`` training examples of the run at ``path``.
+
+    ``rho`` defaults to 0.05 for every run (not the run's own rho), so that m-sharpness is
+    comparable across runs; ``m`` is the number of micro-batches per measurement batch (a
+    count, as for the optimizer; None: 1).
+    """
     from msam.analysis import measure
 
     if examples < 1:
@@ -82,14 +87,14 @@ def measure_checkpoint(
     batches = [data.batch("train", x, y) for x, y in
                iterate_batches(subset, batch_size, shuffle=False, seed=0, epoch=0)]
     if rho is None:
-        rho = cfg.rho if cfg.rho > 0 else 0.05
+        rho = 0.05
 
-    def loss_fn(mdl: nn.Module, batch: Any) -> torch.Tensor:
-        return F.cross_entropy(mdl(batch[0]).float(), batch[1])
+    def loss_fn(batch: Any) -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]).float(), batch[1])
 
     try:
-        result = dict(measure(model, loss_fn, batches, metrics=list(metrics), rho=rho, m=m,
-                              seed=seed, **(options or {})))
+        result = dict(measure(model, loss_fn, batches, metrics=list(metrics), rho=rho,
+                              micro_batches=m, seed=seed, **(options or {})))
     except TypeError as err:
         raise ConfigError(f"sharpness option: {err}") from err
     result["examples"] = n

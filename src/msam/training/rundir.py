@@ -7,6 +7,13 @@ refused with :class:`RunLockedError`, which names the holder's pid (written into
 file). The lock is re-entrant within one process (a study holds it around ``train``, which
 takes it again).
 
+The lock file is opened with ``O_NOFOLLOW`` and must be a plain file with one link: a
+planted symbolic (or hard) link named ``run.lock`` is refused instead of being followed, so
+the pid is never written over another file. We keep ``fcntl`` rather than a lock library
+(``filelock``): it adds no dependency, ``flock`` has exactly the release-on-exit semantics we
+need, and the checks above are what a library would not do for us. Platforms without
+``fcntl`` (Windows) get no lock; :func:`run_lock` warns once that runs are not guarded there.
+
 **Checksums.** :class:`RunFiles` writes files atomically (see
 :func:`msam.training.checkpoint.atomic_write`) and records their SHA-256 and size in
 ``RUN/checksums.json``. The record is updated in two phases, so that every state a kill can
@@ -23,9 +30,12 @@ The last two checkpoints are kept: before ``last.pt`` is replaced, the current o
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +55,7 @@ __all__ = [
     "RunDirError",
     "RunFiles",
     "RunLockedError",
+    "RunWriteError",
     "run_lock",
     "sha256_file",
 ]
@@ -64,6 +75,17 @@ class RunLockedError(RunDirError):
 
 class IntegrityError(RunDirError):
     """A run file does not match its recorded SHA-256, or cannot be parsed."""
+
+
+class RunWriteError(OSError):
+    """Writing a run file failed (disk full, read-only file system, ...); the files written
+    before are intact (every write is atomic), so the run can be resumed once fixed."""
+
+    def __init__(self, path: Path, err: OSError) -> None:
+        name = errno.errorcode.get(err.errno or 0, "")
+        super().__init__(err.errno, f"cannot write {path}: {err.strerror or err}"
+                         + (f" ({name})" if name else ""))
+        self.path = path
 
 
 # -- lock ------------------------------------------------------------------------------------
@@ -104,13 +126,11 @@ def run_lock(run_dir: str | os.PathLike, wait: bool = False) -> Iterator[None]:
         return
     path = run_dir / LOCK_NAME
     if fcntl is None:  # pragma: no cover
+        warnings.warn("this platform has no fcntl: run directories are not locked, so two "
+                      "processes must not write one run", RuntimeWarning, stacklevel=3)
         yield
         return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise RunDirError(f"cannot create the lock file {str(path)!r}: {err.strerror or err}; "
-                          "the run directory must be writable") from None
+    fd = _open_lock_file(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -128,6 +148,26 @@ def run_lock(run_dir: str | os.PathLike, wait: bool = False) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _open_lock_file(path: Path) -> int:
+    """Open (create) the lock file without following links; refuse anything but a plain file
+    with a single link (a planted link would make the pid overwrite its target)."""
+    planted = (f"{str(path)!r} is not a plain file (a symbolic or hard link, or a special "
+               "file); msam never writes through it. Delete it and run again")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_NONBLOCK", 0), 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise RunDirError(planted) from None
+        raise RunDirError(f"cannot create the lock file {str(path)!r}: {err.strerror or err}; "
+                          "the run directory must be writable") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise RunDirError(planted)
+    return fd
 
 
 def holds_lock(run_dir: str | os.PathLike) -> bool:
@@ -163,6 +203,11 @@ class RunFiles:
 
     # manifest
     def _load(self) -> dict[str, Any]:
+        if self.manifest_path.is_symlink():
+            raise IntegrityError(
+                f"{self.manifest_path} is a symbolic link; msam never reads or writes run files "
+                "through links. Delete it (then resume with --accept-unverified), or pass "
+                "--rerun to train the run again from scratch")
         if not self.manifest_path.exists():
             return {"format": MANIFEST_FORMAT, "version": 1, "files": {}, "pending": {}}
         try:
@@ -174,8 +219,8 @@ class RunFiles:
         except (OSError, ValueError) as err:
             raise IntegrityError(
                 f"{self.manifest_path} is unreadable ({err}); the run's files cannot be "
-                f"verified. Delete {self.manifest_path} to accept the files unverified, or "
-                "delete the run directory and train again") from None
+                f"verified. Delete {self.manifest_path} and resume with --accept-unverified to "
+                "accept the files unverified, or pass --rerun to train the run again") from None
         return data
 
     def _settled(self) -> dict[str, Any]:
@@ -199,8 +244,18 @@ class RunFiles:
         """Write ``{name: bytes}`` atomically, in order, with their digests.
 
         ``rotate=(src, dst)``: first move ``src`` (if it exists) to ``dst`` with its digest,
-        e.g. ``("last.pt", "prev.pt")`` to keep the previous checkpoint.
+        e.g. ``("last.pt", "prev.pt")`` to keep the previous checkpoint. An ``OSError`` (disk
+        full, read-only file system) is raised as :class:`RunWriteError` naming the file; every
+        file keeps its old or new content, both of which the manifest accepts.
         """
+        try:
+            self._write(files, rotate)
+        except RunWriteError:
+            raise
+        except OSError as err:
+            raise RunWriteError(Path(err.filename) if err.filename else self.dir, err) from err
+
+    def _write(self, files: Mapping[str, bytes], rotate: tuple[str, str] | None) -> None:
         manifest = self._settled()
         pending = {name: _entry(data) for name, data in files.items()}
         move = rotate is not None and (self.dir / rotate[0]).exists()
@@ -241,6 +296,13 @@ class RunFiles:
     def write_text(self, name: str, text: str) -> None:
         self.write({name: text.encode("utf-8")})
 
+    def discard(self, *names: str) -> None:
+        """Delete files and the whole manifest without reading it (a run discarded by
+        ``--rerun``, whose manifest may be damaged)."""
+        for name in (*names, MANIFEST_NAME):
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / name).unlink()
+
     def forget(self, *names: str) -> None:
         """Delete files and their records (missing files are fine)."""
         manifest = self._settled()
@@ -251,6 +313,17 @@ class RunFiles:
             manifest["pending"].pop(name, None)
         if self.manifest_path.exists() or manifest["files"]:
             self._save(manifest)
+
+    def require_manifest(self, names: tuple[str, ...], fix: str) -> None:
+        """Raise :class:`IntegrityError` if any of ``names`` exists but the manifest does not:
+        msam writes the manifest before any run file, so a missing one was deleted, and the
+        files can no longer be verified (a corrupted checkpoint would load without a word)."""
+        present = [n for n in names if (self.dir / n).exists()]
+        if present and not self.manifest_path.exists():
+            raise IntegrityError(
+                f"{self.manifest_path} is missing, so {', '.join(present)} cannot be verified "
+                f"against their checksums (a corrupted file would be used without a word). "
+                f"Restore it from a backup{fix}")
 
     # reading
     def verify(self, name: str) -> bool | None:

@@ -62,7 +62,7 @@ from .config import (
     train_config_from_dict,
 )
 from .rundir import RunFiles, RunLockedError, run_lock
-from .trainer import RunResult, is_finished, read_done, train
+from .trainer import RunResult, StorageError, is_finished, read_done, train
 
 __all__ = ["StudyRun", "export_study", "expand_grid", "load_runs", "run_study", "select_cells",
            "summarize"]
@@ -285,7 +285,7 @@ def _run_one(run: StudyRun, prefix: str, quiet: bool, printer: Callable[[str], N
             or done.exists()
         run.result = train(run.config, resume=started, quiet=quiet, log_prefix=prefix)
         run.status = "done"
-    except (ConfigError, KeyboardInterrupt):
+    except (ConfigError, KeyboardInterrupt, StorageError):  # a full disk stops the study
         raise
     except Exception as err:  # one failed run must not lose the others
         run.status = "failed"
@@ -320,10 +320,15 @@ def run_study(
     """
     root = Path(study.train.out_dir)
     runs = expand_grid(study)
+    missing = _missing_data(runs)  # once, up front: not once per run
     if dry_run:
         for r in sorted(runs, key=lambda r: r.seed):
             printer(f"{r.name}: {r.cell_label} seed={r.seed} -> {r.config.out_dir}")
+        if missing is not None:
+            printer(f"WARNING: the study cannot run as it is: {missing}")
         return root
+    if missing is not None:
+        raise missing
     root.mkdir(parents=True, exist_ok=True)
     _write_study_config(root, study)
     if command:
@@ -361,6 +366,19 @@ def run_study(
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(r.name for r in failed)}")
     return root
+
+
+def _missing_data(runs: list[StudyRun]) -> Exception | None:
+    """The first dataset of the study's runs that cannot be read (None: all can)."""
+    from msam.data import DatasetNotFoundError, check_available
+
+    for key in dict.fromkeys((r.config.dataset, r.config.data_dir, r.config.download)
+                             for r in runs):
+        try:
+            check_available(*key)
+        except DatasetNotFoundError as err:
+            return err
+    return None
 
 
 #: What :func:`export_study` copies: study-level files, then per-run files (no checkpoints).
@@ -520,9 +538,11 @@ def summarize(study: StudyConfig, runs: list[StudyRun], root: Path) -> dict[str,
     plots: list[Path] = []
     if study.plots:
         try:
-            plots = _plots(root, cell_stats, grid_keys)
+            from msam.plotting import selected_plot, study_plots
+
+            plots = study_plots(root, cell_stats, grid_keys)
             if selected:
-                plots.insert(0, _selected_plot(root, selected, sharp_keys, study.train.base))
+                plots.insert(0, selected_plot(root, selected, sharp_keys, study.train.base))
         except ImportError as err:
             plots = []
             print(f"plots skipped: {err}")
@@ -581,7 +601,8 @@ def _reproduce_section(root: Path, runs: list[StudyRun]) -> list[str]:
     versions = sorted({str(i.get("torch")) for i in infos if i.get("torch")})
     total = sum(r.result.train_time_s for r in done)  # type: ignore[union-attr]
     cmd_file = root / "command.txt"
-    command = cmd_file.read_text().strip() if cmd_file.is_file() else "msam study <config>"
+    command = (cmd_file.read_text().strip() if cmd_file.is_file()
+               else f"msam study {root / 'study.yaml'}")  # the resolved config, written above
     return [
         "## Reproduce", "",
         "```bash", command, "```", "",
@@ -690,184 +711,6 @@ def _selected_section(study: StudyConfig, selected: list[dict[str, Any]],
     return lines
 
 
-def _selected_plot(root: Path, selected: list[dict[str, Any]],
-                   sharp_keys: Sequence[str], base: str = "sgd") -> Path:
-    """Test accuracy and each sharpness metric of the selected cells: mean ± std and seeds."""
-    names = ["test_acc", *[k.split(".", 1)[1] for k in sharp_keys
-                           if not k.endswith(("_se", "_error"))]]
-    many = len(selected) > 6  # one rotated line per cell instead of stacked lines
-    fig, axes = _figure(max(3.6, 0.42 * len(selected)) * len(names), 4.6 if many else 3.8,
-                        ncols=len(names))
-    labels = []
-    for sel in selected:
-        label = _group_label(sel["group"], base)
-        chosen = ", ".join(f"{_ABBREV.get(k, k)} {_fmt_value(v)}" for k, v in sel["chosen"].items())
-        sep = ", " if many else "\n"
-        labels.append((label if many else label.replace(" (", "\n(")) +
-                      (f"{sep}{chosen}" if chosen else ""))
-    # One colour per method, so a method's cells (m = 1, 4, ...) read as a group.
-    methods = list(dict.fromkeys(dict(sel["group"]).get("optimizer") for sel in selected))
-    colors = [f"C{methods.index(dict(sel['group']).get('optimizer')) % 10}" for sel in selected]
-    for ax, name in zip(axes, names):
-        for i, sel in enumerate(selected):
-            if name == "test_acc":
-                vals = [100 * r.result.final.get("test_acc") for r in sel["runs"]
-                        if r.result.final.get("test_acc") is not None]
-            else:
-                vals = [(r.result.sharpness or {}).get(name) for r in sel["runs"]]
-                vals = [v for v in vals if v is not None]
-            if not vals:
-                continue
-            mean, std = _mean_std(vals)
-            ax.bar(i, mean, yerr=std or 0.0, capsize=4, color=colors[i], alpha=0.55)
-            ax.plot([i] * len(vals), vals, "k.", markersize=5)
-        ax.set_xticks(range(len(selected)))
-        if many:
-            ax.set_xticklabels(labels, fontsize=7, rotation=60, ha="right",
-                               rotation_mode="anchor")
-        else:
-            ax.set_xticklabels(labels, fontsize=7)
-        title = {"test_acc": "test accuracy (%)", "lambda_max": "Hessian lambda_max",
-                 "trace": "Hessian trace"}.get(name, name)
-        ax.set_title(title)
-        if name == "test_acc":
-            lo = min(min(100 * r.result.final.get("test_acc", 1) for r in sel["runs"])
-                     for sel in selected)
-            hi = max(max(100 * r.result.final.get("test_acc", 0) for r in sel["runs"])
-                     for sel in selected)
-            pad = max(0.5, 0.25 * (hi - lo))
-            ax.set_ylim(lo - pad, hi + pad)
-        ax.grid(alpha=0.3, axis="y")
-    fig.suptitle("Selected configurations (bars: mean ± std over seeds; dots: seeds)",
-                 fontsize=9)
-    path = root / "selected.png"
-    fig.savefig(path, dpi=120)
-    return path
-
-
-# -- plots -------------------------------------------------------------------------------------
-
-def _figure(width: float, height: float, ncols: int = 1):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-    return fig, axes
-
-
-def _save_accuracy_plot(fig: Any, ax: Any, path: Path, xlabel: str, title: str,
-                        legend_size: int) -> Path:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("final test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _plots(root: Path, cell_stats: list[dict[str, Any]], grid_keys: list[str]) -> list[Path]:
-    out: list[Path] = []
-    # 1. final test accuracy against m: one line per (family, other keys)
-    lines: dict[tuple, list[tuple[int, float, float]]] = {}
-    flat: dict[tuple, tuple[float, float]] = {}
-    for cs in cell_stats:
-        d = dict(cs["cell"])
-        mean, std = cs["test"]
-        if mean is None:
-            continue
-        method = d["optimizer"]
-        others = tuple((k, d[k]) for k in grid_keys if k in d and k not in ("micro_batches",))
-        if method == "sgd":
-            flat[others] = (mean, std or 0.0)
-            continue
-        family = "msam" if method in ("sam", "msam") else method
-        m = 1 if method == "sam" else int(d.get("micro_batches", cs["runs"][0].config
-                                                .micro_batches if cs["runs"] else 1))
-        lines.setdefault((family, others), []).append((m, mean, std or 0.0))
-    if lines or flat:
-        fig, (ax,) = _figure(6.4, 4.2)
-        for (family, others), pts in sorted(lines.items(), key=lambda kv: str(kv[0])):
-            pts.sort()
-            label = ("SAM / mSAM" if family == "msam" else _METHOD_NAMES.get(
-                family, family.upper())) + _others_label(others)
-            ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts],
-                        yerr=[100 * p[2] for p in pts], marker="o", capsize=3, label=label)
-        for others, (mean, std) in sorted(flat.items(), key=lambda kv: str(kv[0])):
-            line = ax.axhline(100 * mean, linestyle="--", color="0.35",
-                              label="SGD" + _others_label(others))
-            if std:
-                ax.axhspan(100 * (mean - std), 100 * (mean + std), alpha=0.1,
-                           color=line.get_color())
-        ms = sorted({p[0] for pts in lines.values() for p in pts})
-        if ms:
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(ms)
-            ax.set_xticklabels([str(m) for m in ms])
-        out.append(_save_accuracy_plot(fig, ax, root / "test_acc_vs_m.png",
-                                       "micro-batches m (m = 1 is SAM)",
-                                       "Test accuracy vs number of micro-batches", 8))
-
-    # 2. test accuracy against wall-clock training time: one point per cell (cost vs benefit)
-    timed = [cs for cs in cell_stats if cs["test"][0] is not None and cs.get("time", (None,))[0]]
-    if len(timed) > 1:
-        fig, (ax,) = _figure(6.4, 4.4)
-        for i, cs in enumerate(timed):
-            (tm, tm_sd), (acc, acc_sd) = cs["time"], cs["test"]
-            ax.errorbar([tm], [100 * acc], xerr=[tm_sd or 0.0], yerr=[100 * (acc_sd or 0.0)],
-                        marker="o", capsize=3, color=f"C{i % 10}",
-                        label=_cell_label(cs["cell"]))
-        out.append(_save_accuracy_plot(
-            fig, ax, root / "acc_vs_time.png",
-            "training wall-clock time per run (s, mean ± std over seeds)",
-            "Test accuracy vs training time", 7))
-
-    # 3. training curves per cell (mean over seeds)
-    fig, (ax1, ax2) = _figure(11, 4.2, ncols=2)
-    drawn = False
-    for cs in cell_stats:
-        hists = [r.result.history for r in cs["runs"] if r.result is not None]
-        if not hists:
-            continue
-        n_ep = min(len(h) for h in hists)
-        epochs = list(range(1, n_ep + 1))
-        label = _cell_label(cs["cell"])
-
-        def mean_curve(key: str, hists=hists, n_ep=n_ep) -> list[float]:
-            vals = []
-            for e in range(n_ep):
-                xs = [h[e].get(key) for h in hists if h[e].get(key) is not None]
-                vals.append(sum(xs) / len(xs) if xs else math.nan)
-            return vals
-
-        acc_key, shown = accuracy_curve(hists)
-        (line,) = ax1.plot([e for e, _ in shown], [v for _, v in shown], marker=".",
-                           label=label)
-        ax2.plot(epochs, mean_curve("train_loss"), marker=".", label=label,
-                 color=line.get_color())
-        ax1.set_ylabel(f"{'validation' if acc_key == 'val_acc' else 'test'} accuracy (%)")
-        drawn = True
-    if drawn:
-        from matplotlib.ticker import MaxNLocator
-
-        for ax in (ax1, ax2):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax1.set_xlabel("epoch")
-        ax2.set_xlabel("epoch")
-        ax2.set_ylabel("training loss")
-        ax1.set_title("Accuracy per epoch")
-        ax2.set_title("Training loss per epoch")
-        for ax in (ax1, ax2):
-            ax.grid(alpha=0.3)
-        ax2.legend(fontsize=7)
-        path = root / "curves.png"
-        fig.savefig(path, dpi=120)
-        out.append(path)
-    return out
-
-
 def accuracy_curve(
     hists: Sequence[Sequence[dict[str, Any]]],
 ) -> tuple[str, list[tuple[int, float]]]:
@@ -883,12 +726,6 @@ def accuracy_curve(
         if xs:
             points.append((e + 1, 100 * sum(xs) / len(xs)))
     return key, points
-
-
-def _others_label(others: tuple) -> str:
-    if not others:
-        return ""
-    return " (" + ", ".join(f"{_ABBREV.get(k, k)}={_fmt_value(v)}" for k, v in others) + ")"
 
 
 def load_runs(study: StudyConfig) -> list[StudyRun]:

@@ -58,11 +58,11 @@ from .checkpoint import (
     torch_bytes,
 )
 from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_diff
-from .rundir import IntegrityError, RunDirError, RunFiles, run_lock
+from .rundir import IntegrityError, RunDirError, RunFiles, RunWriteError, run_lock
 from .schedule import lr_factor_fn
 
-__all__ = ["METRIC_COLUMNS", "RunResult", "TrainingError", "build_optimizer", "evaluate",
-           "is_finished", "train"]
+__all__ = ["METRIC_COLUMNS", "RunResult", "StorageError", "TrainingError", "build_optimizer",
+           "evaluate", "is_finished", "train"]
 
 METRIC_COLUMNS = (
     "epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
@@ -73,6 +73,11 @@ TIME_COLUMNS = ("epoch_time_s", "elapsed_s")
 
 class TrainingError(RuntimeError):
     """A training step failed; the run directory keeps its last good checkpoint."""
+
+
+class StorageError(TrainingError):
+    """A run file could not be written (disk full, read-only file system, ...); the files of
+    the completed epochs are intact and the run continues with ``--resume`` once fixed."""
 
 
 @dataclass
@@ -456,7 +461,7 @@ class _TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            log("tensorboard: not installed (pip install tensorboard); skipping it")
+            log("WARNING: tensorboard: not installed (pip install tensorboard); skipping it")
             return
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
@@ -500,22 +505,22 @@ def _measure_sharpness(cfg: TrainConfig, model: nn.Module, data: _Data, run_dir:
     try:
         from msam.analysis import measure
     except ImportError as err:
-        log(f"sharpness: msam.analysis is not available ({err}); skipping")
+        log(f"WARNING: sharpness: msam.analysis is not available ({err}); skipping")
         return None
     n = min(s.examples, len(data.train))
     idx = torch.randperm(len(data.train), generator=make_generator(s.seed, "sharpness"))[:n]
     subset = data.train.subset(idx.sort().values)
     batches = [data.batch("train", x, y) for x, y in
                iterate_batches(subset, s.batch_size, shuffle=False, seed=0, epoch=0)]
-    rho = s.rho if s.rho is not None else (cfg.rho if cfg.rho > 0 else 0.05)
+    rho = s.rho if s.rho is not None else 0.05  # one radius for every run of a study
 
-    def loss_fn(mdl: nn.Module, batch: Any) -> torch.Tensor:
-        return F.cross_entropy(mdl(batch[0]).float(), batch[1])
+    def loss_fn(batch: Any) -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]).float(), batch[1])
 
     t0 = time.perf_counter()
     try:
-        result = measure(model, loss_fn, batches, metrics=list(s.metrics), rho=rho, m=s.m,
-                         seed=s.seed, **s.options)
+        result = measure(model, loss_fn, batches, metrics=list(s.metrics), rho=rho,
+                         micro_batches=s.m, seed=s.seed, **s.options.model_dump())
     except TypeError as err:
         raise ConfigError(f"config: key 'sharpness.options': {err}") from err
     result = dict(result)
@@ -543,6 +548,7 @@ def train(
     quiet: bool = False,
     stop_after_epochs: int | None = None,
     log_prefix: str = "",
+    accept_unverified: bool = False,
 ) -> RunResult:
     """Train one run described by ``config`` into ``config.out_dir``.
 
@@ -554,9 +560,13 @@ def train(
             is (or extended, if ``epochs`` grew); one whose checkpoint is gone is refused.
         rerun: discard whatever run ``out_dir`` holds, finished or not, and train from scratch.
         quiet: no per-epoch log lines (the progress bar follows ``config.progress``).
+            Warnings (e.g. a corrupted checkpoint replaced by the previous one) are printed
+            to stderr all the same.
         stop_after_epochs: return after this many epochs *of this call* (for tests / time
             slicing); the run stays resumable.
         log_prefix: prepended to log lines (studies pass the run name).
+        accept_unverified: resume although ``checksums.json`` was deleted (the checkpoints
+            are then loaded unverified); without it such a run is refused.
 
     Returns:
         a :class:`RunResult`; ``completed`` is True when ``epochs`` epochs are done.
@@ -566,6 +576,7 @@ def train(
             :class:`~msam.training.rundir.RunLockedError` (another process writes it),
             :class:`~msam.training.rundir.IntegrityError` (a corrupted file), or a finished run.
         TrainingError: a training step failed; the last checkpoint is kept.
+            :class:`StorageError`: a run file could not be written (disk full, read-only).
     """
     cfg = config.resolved()
     run_dir = Path(cfg.out_dir)
@@ -577,12 +588,16 @@ def train(
         raise ConfigError("config: key 'precision' fp16 needs a CUDA device; use bf16 or fp32")
 
     def log(msg: str) -> None:
-        if not quiet:
+        if msg.startswith("WARNING: "):  # a warning is never quiet
+            print(f"{log_prefix}{msg}", file=sys.stderr, flush=True)
+        elif not quiet:
             print(f"{log_prefix}{msg}", flush=True)
 
     with run_lock(run_dir):
         remove_stale_temp_files(run_dir)
         files = RunFiles(run_dir)
+        if resume and not rerun and not accept_unverified:
+            files.require_manifest(("last.pt", "prev.pt", "done.json"), _FIX_MANIFEST)
         ckpt = _open_run(cfg, run_dir, files, device, resume, rerun, log)
         if isinstance(ckpt, RunResult):
             return ckpt
@@ -591,7 +606,29 @@ def train(
             # overflow).
             warnings.filterwarnings("ignore",
                                     message=r"Detected call of `lr_scheduler\.step\(\)`")
-            return _train(cfg, run_dir, files, device, ckpt, log, stop_after_epochs)
+            try:
+                return _train(cfg, run_dir, files, device, ckpt, log, stop_after_epochs)
+            except RunWriteError as err:
+                raise _storage_failed(run_dir, files, err) from err
+
+
+_FIX_MANIFEST = (", pass --accept-unverified (accept_unverified=True) to resume from the files "
+                 "as they are, or pass --rerun (rerun=True) to train the run again from scratch")
+
+
+def _storage_failed(run_dir: Path, files: RunFiles, err: RunWriteError) -> StorageError:
+    """What a failed write (disk full, read-only directory) means for the run, and the fix."""
+    try:
+        epoch = int(load_checkpoint(run_dir / "last.pt")["epoch"]) \
+            if files.verify("last.pt") is not False else None
+    except (OSError, ValueError):
+        epoch = None
+    safe = ("No epoch was completed yet" if epoch is None else
+            f"The completed epochs are safe: {run_dir / 'last.pt'} holds epoch {epoch} and "
+            "matches its checksum (every write is atomic)")
+    return StorageError(
+        f"{err.strerror}. {safe}. Free space on that disk (or make the run directory writable "
+        "again), then run the same command with --resume to continue from there")
 
 
 def _open_run(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.device,
@@ -603,7 +640,7 @@ def _open_run(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.de
     if rerun:
         if checkpoints or finished:
             log(f"{run_dir}: --rerun: discarding the run it holds")
-        files.forget(*RUN_FILES)
+        files.discard(*RUN_FILES, "last.pt.corrupt")
         return None
     if (checkpoints or finished) and not resume:
         what = "a finished run (done.json)" if finished else "an unfinished run (last.pt)"
@@ -612,7 +649,19 @@ def _open_run(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.de
                           "from scratch, or choose another out_dir")
     if not resume:
         return None
+    done = read_done(run_dir) if finished else None  # a corrupted record is named, not replaced
+    if done is not None:
+        _refuse_changes(done["config"], cfg, run_dir / "done.json")
+        if is_finished(run_dir, cfg):  # never retrained, even if its checkpoints are gone
+            log(f"{run_dir}: already finished ({cfg.epochs} epochs)")
+            return RunResult.from_dir(run_dir)
     ckpt = _load_verified_checkpoint(run_dir, files, device, log)
+    if ckpt is not None and done is not None and int(ckpt["epoch"]) != int(done["epochs"]):
+        raise RunDirError(
+            f"{run_dir} holds a finished run of {done['epochs']} epochs, but its intact "
+            f"checkpoint is of epoch {ckpt['epoch']}: extending it would retrain finished "
+            "epochs. Its results are kept as they are; pass --rerun (rerun=True) to train it "
+            "again from scratch")
     if ckpt is None:
         if finished:
             raise RunDirError(
@@ -621,24 +670,24 @@ def _open_run(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.de
                 "are. Pass --rerun (rerun=True) to train it again from scratch")
         log(f"{run_dir}: no checkpoint, starting from scratch")
         return None
-    changed = [k for k in config_diff(ckpt["config"], cfg.to_dict())
-               if k.split(".")[0] not in RESUMABLE_CHANGES]
-    if changed:
-        raise ConfigError(
-            f"cannot resume {str(ckpt_path)!r}: the config differs in "
-            f"{', '.join(changed)} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change); "
-            "start a new out_dir instead"
-        )
+    _refuse_changes(ckpt["config"], cfg, ckpt_path)
     if int(ckpt["epoch"]) > cfg.epochs:
         raise ConfigError(f"config: key 'epochs' is {cfg.epochs} but the checkpoint in "
                           f"{str(run_dir)!r} already has {ckpt['epoch']} epochs")
-    if finished and int(ckpt["epoch"]) == cfg.epochs and is_finished(run_dir, cfg):
-        log(f"{run_dir}: already finished ({cfg.epochs} epochs)")
-        return RunResult.from_dir(run_dir)
     if finished:
-        read_done(run_dir)  # a corrupted record is reported, not silently replaced
         files.forget("done.json")  # extended or re-measured: not finished until rewritten
     return ckpt
+
+
+def _refuse_changes(recorded: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
+    """A resumed run must compute what the recorded one did (e.g. the same m)."""
+    changed = [k for k in config_diff(recorded, cfg.to_dict())
+               if k.split(".")[0] not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(
+            f"cannot resume {str(where)!r}: the config differs in {', '.join(changed)} (only "
+            f"{', '.join(sorted(RESUMABLE_CHANGES))} may change); start a new out_dir, or pass "
+            "--rerun to train it again with the new config")
 
 
 def _load_verified_checkpoint(run_dir: Path, files: RunFiles, device: torch.device,
@@ -667,7 +716,7 @@ def _load_verified_checkpoint(run_dir: Path, files: RunFiles, device: torch.devi
                 bad = run_dir / "last.pt.corrupt"
                 os.replace(run_dir / "last.pt", bad)  # kept for inspection, never loaded
                 files.forget("last.pt")
-                log(f"the corrupted checkpoint was moved to {bad}")
+                log(f"WARNING: the corrupted checkpoint was moved to {bad}")
         return ckpt
     if problems:
         raise IntegrityError(
@@ -677,9 +726,59 @@ def _load_verified_checkpoint(run_dir: Path, files: RunFiles, device: torch.devi
     return None
 
 
+@dataclass
+class _Run:
+    """The state of one run while it trains (what the steps of :func:`_train` share)."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    files: RunFiles
+    device: torch.device
+    log: Callable[[str], None]
+    data: _Data
+    steps_per_epoch: int
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    scheduler: Any
+    factor: Callable[[int], float]
+    scaler: Any
+    autocast: Callable[[], Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+    global_step: int = 0
+    elapsed: float = 0.0
+    resumed_from: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def result(self, completed: bool, sharpness: dict[str, Any] | None = None) -> RunResult:
+        return RunResult(self.run_dir, self.cfg, self.history, completed, self.elapsed,
+                         sharpness, self.resumed_from, self.info)
+
+
 def _train(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.device,
            ckpt: dict | None, log: Callable[[str], None],
            stop_after_epochs: int | None) -> RunResult:
+    """Set up (or restore) the run, train its remaining epochs, then finish it."""
+    run = _set_up(cfg, run_dir, files, device, ckpt, log)
+    if ckpt is not None:
+        _restore(run, ckpt)
+    _write_start_files(run, resumed=ckpt is not None)
+    tb = _TensorBoard(cfg, run_dir, log)
+    try:
+        for n, epoch in enumerate(range(run.start_epoch, cfg.epochs), 1):
+            row = _train_epoch(run, epoch)
+            tb.log(row)
+            if stop_after_epochs is not None and n >= stop_after_epochs \
+                    and epoch + 1 < cfg.epochs:
+                return run.result(False)
+    finally:
+        tb.close()
+    return _finish(run)
+
+
+def _set_up(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.device,
+            ckpt: dict | None, log: Callable[[str], None]) -> _Run:
+    """Data, model, optimizer, schedule and scaler of a run (seeded as a fresh run)."""
     try:
         data = _prepare_data(cfg, device, None if ckpt is None else ckpt.get("tokenizer"))
     except ValueError as err:  # bad data files, or a subset / split the data cannot give
@@ -696,7 +795,6 @@ def _train(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.devic
                  or cfg.max_steps_per_epoch >= num_batches(data.train, cfg.batch_size)):
         raise ConfigError(f"config: key 'drop_last' is false and the last batch has {last} "
                           f"examples, fewer than micro_batches={cfg.micro_batches}")
-
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
@@ -704,158 +802,167 @@ def _train(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.devic
     opt = build_optimizer(cfg, model, steps_per_epoch)
     scheduler, factor = _build_scheduler(cfg, opt, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    autocast = _autocast(cfg, device)
-
-    history: list[dict[str, Any]] = []
-    start_epoch, global_step, elapsed = 0, 0, 0.0
-    resumed_from = None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        # The schedule is rebuilt from the config (epochs may have changed): set the lr of
-        # the next step from it (identical to the saved value when nothing changed).
-        for group, base_lr in zip(opt.param_groups, scheduler.base_lrs):
-            group["lr"] = base_lr * factor(scheduler.last_epoch)
-        scheduler._last_lr = [g["lr"] for g in opt.param_groups]
-        if scaler is not None and ckpt.get("scaler") is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        restore_rng_state(ckpt["rng"])
-        history = [dict(r) for r in ckpt["history"]]
-        start_epoch = int(ckpt["epoch"])
-        global_step = int(ckpt["global_step"])
-        elapsed = float(ckpt.get("train_time_s", 0.0))
-        resumed_from = start_epoch
-        log(f"resuming {run_dir} from epoch {start_epoch} (step {global_step})")
-
-    info = {
+    run = _Run(cfg, run_dir, files, device, log, data, steps_per_epoch, model, opt, scheduler,
+               factor, scaler, _autocast(cfg, device))
+    run.info = {
         "device": str(device), "torch": str(torch.__version__), "msam": msam.__version__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "steps_per_epoch": steps_per_epoch, "sizes": data.meta["sizes"],
         "label_noise": data.meta.get("label_noise"), "threads": torch.get_num_threads(),
     }
+    return run
+
+
+def _restore(run: _Run, ckpt: dict) -> None:
+    """Everything a checkpoint holds, so that the run continues bit-identically."""
+    run.model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    # The schedule is rebuilt from the config (epochs may have changed): set the lr of the next
+    # step from it (identical to the saved value when nothing changed).
+    for group, base_lr in zip(run.opt.param_groups, run.scheduler.base_lrs):
+        group["lr"] = base_lr * run.factor(run.scheduler.last_epoch)
+    run.scheduler._last_lr = [g["lr"] for g in run.opt.param_groups]
+    if run.scaler is not None and ckpt.get("scaler") is not None:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    restore_rng_state(ckpt["rng"])
+    run.history = [dict(r) for r in ckpt["history"]]
+    run.start_epoch = run.resumed_from = int(ckpt["epoch"])
+    run.global_step = int(ckpt["global_step"])
+    run.elapsed = float(ckpt.get("train_time_s", 0.0))
+    run.log(f"resuming {run.run_dir} from epoch {run.start_epoch} (step {run.global_step})")
+
+
+def _write_start_files(run: _Run, resumed: bool) -> None:
+    """The resolved config and run info (and, on resume, metrics cut to the checkpoint)."""
+    cfg, info = run.cfg, run.info
     start_files = {**_config_files(cfg), "run_info.json": _json_bytes(info)}
-    if ckpt is not None:  # drop rows of an epoch the checkpoint does not hold
-        start_files.update(_metrics_files(history))
-    files.write(start_files)
-    if ckpt is None:
-        sched = getattr(opt, "schedule", None)
+    if resumed:  # drop rows of an epoch the checkpoint does not hold
+        start_files.update(_metrics_files(run.history))
+    run.files.write(start_files)
+    if not resumed:
+        sched = getattr(run.opt, "schedule", None)
         sched_text = "" if sched is None or sched.trivial else f" {sched!r}"
-        log(f"{cfg.optimizer} ({cfg.base}) rho={cfg.rho} m={cfg.micro_batches}{sched_text} on "
-            f"{cfg.dataset} ({info['sizes']['train']} train) with {cfg.model} "
-            f"({info['parameters']:,} params), {cfg.epochs} epochs x {steps_per_epoch} steps, "
-            f"{device}")
+        run.log(f"{cfg.optimizer} ({cfg.base}) rho={cfg.rho} m={cfg.micro_batches}{sched_text} "
+                f"on {cfg.dataset} ({info['sizes']['train']} train) with {cfg.model} "
+                f"({info['parameters']:,} params), {cfg.epochs} epochs x "
+                f"{run.steps_per_epoch} steps, {run.device}")
 
-    is_msam = isinstance(opt, msam.MSAM)
-    tb = _TensorBoard(cfg, run_dir, log)
-    epochs_this_call = 0
+
+def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
+    """One epoch: its steps, the evaluation, then last.pt and the metrics in one write."""
+    cfg, opt = run.cfg, run.opt
+    t0 = time.perf_counter()
+    run.model.train()
+    tracker = _AccuracyTracker(run.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    loss_n = skipped = 0
+    lr_used = opt.param_groups[0]["lr"]
+    loss_fn = _loss_fn(run, tracker)
+    bar = _progress(cfg, run.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
+    batches = iterate_batches(run.data.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                              epoch=epoch, augment=cfg.augment, drop_last=cfg.drop_last)
+    for b, (x, y) in zip(range(run.steps_per_epoch), batches):
+        tracker.new_step()
+        lr_used = opt.param_groups[0]["lr"]
+        loss, step_skipped = _step(run, loss_fn, run.data.batch("train", x, y), epoch)
+        if step_skipped:
+            skipped += 1
+        else:
+            loss_sum += loss.detach().double() * int(y.shape[0])
+            loss_n += int(y.shape[0])
+        run.scheduler.step()
+        run.global_step += 1
+        if bar is not None:
+            bar.update(1)
+            if b % 10 == 0 or b == run.steps_per_epoch - 1:
+                acc = tracker.value()
+                bar.set_postfix(loss=f"{float(loss_sum) / max(loss_n, 1):.4f}",
+                                acc="-" if acc is None else f"{100 * acc:.1f}%")
+    if bar is not None:
+        bar.close()
+    train_stats = {"lr": lr_used, "train_loss": float(loss_sum.item()) / loss_n if loss_n
+                   else None, "train_acc": tracker.value(), "skipped_steps": skipped}
+    return _end_epoch(run, epoch, train_stats, t0)
+
+
+def _loss_fn(run: _Run, tracker: _AccuracyTracker) -> Callable[[Any], torch.Tensor]:
+    def loss_fn(mb: Any) -> torch.Tensor:
+        inputs, y = mb
+        with run.autocast():
+            logits = run.model(inputs)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=run.cfg.label_smoothing)
+        tracker.observe(mb, logits, y)
+        return loss
+
+    return loss_fn
+
+
+def _step(run: _Run, loss_fn: Callable[[Any], torch.Tensor], batch: Any,
+          epoch: int) -> tuple[torch.Tensor, bool]:
+    """One optimizer step: ``(loss, skipped)``; a failure becomes a TrainingError."""
+    opt, scaler = run.opt, run.scaler
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            model.train()
-            tracker = _AccuracyTracker(device)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            loss_n = 0
-            skipped = 0
-            lr_used = opt.param_groups[0]["lr"]
+        if isinstance(opt, msam.MSAM):
+            loss = opt.step(loss_fn, batch, scaler=scaler)
+            if scaler is not None:
+                scaler.update()
+            return loss, bool(opt.last_result is not None and opt.last_result.skipped)
+        return _base_step(run.cfg, opt, loss_fn, batch, scaler)
+    except Exception as err:
+        raise _step_failed(run.files, epoch, run.global_step, err) from err
 
-            def loss_fn(mb: Any, _tracker: _AccuracyTracker = tracker) -> torch.Tensor:
-                inputs, y = mb
-                with autocast():
-                    logits = model(inputs)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                _tracker.observe(mb, logits, y)
-                return loss
 
-            bar = _progress(cfg, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
-            batches = iterate_batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                      epoch=epoch, augment=cfg.augment, drop_last=cfg.drop_last)
-            for b, (x, y) in enumerate(batches):
-                if b >= steps_per_epoch:
-                    break
-                batch = data.batch("train", x, y)
-                n = int(y.shape[0])
-                tracker.new_step()
-                lr_used = opt.param_groups[0]["lr"]
-                try:
-                    if is_msam:
-                        loss = opt.step(loss_fn, batch, scaler=scaler)
-                        step_skipped = bool(opt.last_result is not None
-                                            and opt.last_result.skipped)
-                        if scaler is not None:
-                            scaler.update()
-                    else:
-                        loss, step_skipped = _base_step(cfg, opt, loss_fn, batch, scaler)
-                except Exception as err:
-                    raise _step_failed(files, epoch, global_step, err) from err
-                if step_skipped:
-                    skipped += 1
-                else:
-                    loss_sum += loss.detach().double() * n
-                    loss_n += n
-                scheduler.step()
-                global_step += 1
-                if bar is not None:
-                    bar.update(1)
-                    if b % 10 == 0 or b == steps_per_epoch - 1:
-                        acc = tracker.value()
-                        bar.set_postfix(loss=f"{float(loss_sum) / max(loss_n, 1):.4f}",
-                                        acc="-" if acc is None else f"{100 * acc:.1f}%")
-            if bar is not None:
-                bar.close()
+def _end_epoch(run: _Run, epoch: int, train_stats: dict[str, Any], t0: float) -> dict[str, Any]:
+    """Evaluate (every ``eval_every`` epochs and at the end), record and log the epoch."""
+    cfg, data = run.cfg, run.data
+    val_loss = val_acc = test_loss = test_acc = None
+    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        if data.val is not None:
+            val_loss, val_acc = evaluate(run.model, data, "val", cfg.eval_batch_size,
+                                         run.autocast)
+        test_loss, test_acc = evaluate(run.model, data, "test", cfg.eval_batch_size,
+                                       run.autocast)
+    epoch_time = time.perf_counter() - t0  # the evaluation included
+    run.elapsed += epoch_time
+    row = {"epoch": epoch + 1, "step": run.global_step, **train_stats, "val_loss": val_loss,
+           "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
+           "epoch_time_s": round(epoch_time, 4), "elapsed_s": round(run.elapsed, 4)}
+    row = {k: _clean(row[k]) for k in METRIC_COLUMNS}
+    run.history.append(row)
+    # One checksummed write: last.pt (the previous one kept as prev.pt), then the metrics, so
+    # they never list an epoch the checkpoint does not hold.
+    run.files.write({"last.pt": _checkpoint_bytes(cfg, run.model, run.opt, run.scheduler,
+                                                  run.scaler, epoch + 1, run.global_step,
+                                                  run.history, run.elapsed, data),
+                     **_metrics_files(run.history)}, rotate=("last.pt", "prev.pt"))
+    skipped = row["skipped_steps"]
+    run.log(f"epoch {epoch + 1}/{cfg.epochs}  loss {_fmt(row['train_loss'])}  "
+            f"acc {_fmt(row['train_acc'], True)}  val {_fmt(val_acc, True)}  "
+            f"test {_fmt(test_acc, True)}  lr {row['lr']:.4g}  {epoch_time:.1f}s"
+            + (f"  skipped {skipped}" if skipped else ""))
+    return row
 
-            evaluate_now = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
-            val_loss = val_acc = test_loss = test_acc = None
-            if evaluate_now:
-                if data.val is not None:
-                    val_loss, val_acc = evaluate(model, data, "val", cfg.eval_batch_size,
-                                                 autocast)
-                test_loss, test_acc = evaluate(model, data, "test", cfg.eval_batch_size,
-                                               autocast)
-            epoch_time = time.perf_counter() - t0
-            elapsed += epoch_time
-            row = {
-                "epoch": epoch + 1, "step": global_step, "lr": lr_used,
-                "train_loss": float(loss_sum.item()) / loss_n if loss_n else None,
-                "train_acc": tracker.value(), "val_loss": val_loss, "val_acc": val_acc,
-                "test_loss": test_loss, "test_acc": test_acc, "skipped_steps": skipped,
-                "epoch_time_s": round(epoch_time, 4), "elapsed_s": round(elapsed, 4),
-            }
-            row = {k: _clean(v) for k, v in row.items()}
-            history.append(row)
-            # One checksummed write: last.pt (the previous one kept as prev.pt), then the
-            # metrics, so they never list an epoch the checkpoint does not hold.
-            files.write({"last.pt": _checkpoint_bytes(cfg, model, opt, scheduler, scaler,
-                                                      epoch + 1, global_step, history,
-                                                      elapsed, data),
-                         **_metrics_files(history)}, rotate=("last.pt", "prev.pt"))
-            tb.log(row)
-            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {_fmt(row['train_loss'])}  "
-                f"acc {_fmt(row['train_acc'], True)}  val {_fmt(val_acc, True)}  "
-                f"test {_fmt(test_acc, True)}  lr {lr_used:.4g}  {epoch_time:.1f}s"
-                + (f"  skipped {skipped}" if skipped else ""))
-            epochs_this_call += 1
-            if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs \
-                    and epoch + 1 < cfg.epochs:
-                return RunResult(run_dir, cfg, history, False, elapsed, None, resumed_from, info)
-    finally:
-        tb.close()
 
-    files.write({"final.pt": torch_bytes({
-        "format": "msam-model", "version": 1, "model": model.state_dict(),
+def _finish(run: _Run) -> RunResult:
+    """final.pt, the sharpness measurement, then done.json (written last: the run is done)."""
+    cfg, data, history = run.cfg, run.data, run.history
+    run.files.write({"final.pt": torch_bytes({
+        "format": "msam-model", "version": 1, "model": run.model.state_dict(),
         "config": cfg.to_dict(), "tokenizer": data.tokenizer_state,
         "num_classes": data.num_classes, "input_shape": list(data.input_shape),
         "metrics": history[-1] if history else {},
     })})
-    sharp = _measure_sharpness(cfg, model, data, run_dir, log)
-    files.write({"done.json": _json_bytes({
+    sharp = _measure_sharpness(cfg, run.model, data, run.run_dir, run.log)
+    run.files.write({"done.json": _json_bytes({
         "status": "done", "epochs": cfg.epochs, "final": history[-1] if history else {},
-        "train_time_s": elapsed, "sharpness": sharp,
-        "sharpness_metrics": list(cfg.sharpness.metrics), "info": info, "config": cfg.to_dict(),
+        "train_time_s": run.elapsed, "sharpness": sharp,
+        "sharpness_metrics": list(cfg.sharpness.metrics), "info": run.info,
+        "config": cfg.to_dict(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })})
-    return RunResult(run_dir, cfg, history, True, elapsed, sharp, resumed_from, info)
+    return run.result(True, sharp)
 
 
 def _base_step(cfg: TrainConfig, opt: torch.optim.Optimizer, loss_fn: Callable,
