@@ -113,3 +113,21 @@ def test_the_base_rule_module_imports_no_variant():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not imported & {"msam.core.gsam", "msam.core.wsam", "msam.core.friendlysam",
                            "msam.core.gcsam", "msam.core.usam", "msam.core.registry"}
+
+
+def test_a_registered_rule_is_a_run_config_method():
+    """register_rule makes the name a method of run configs (optimizer: <name>), built by the
+    trainer from the registry; an unknown name is refused naming the key."""
+    from msam.training import TrainConfig
+    from msam.training.configfile import ConfigError
+    from msam.training.trainer import build_optimizer
+
+    with pytest.raises(ConfigError, match="optimizer"):
+        TrainConfig(optimizer="signsam_test").resolved()
+    register_rule("signsam_test", SignSAM, replace=True)
+    try:
+        cfg = TrainConfig(optimizer="signsam_test", model="mlp", micro_batches=2).resolved()
+        opt = build_optimizer(cfg, _model())
+        assert opt.rule.name == "signsam_test" and opt.micro_batches == 2
+    finally:
+        RULES.pop("signsam_test", None)

@@ -43,6 +43,7 @@ class FriendlySAMRule(PerturbationRule):
     """FriendlySAM: ``e_j = rho d_j / ||d_j||``, ``d_j = g_j - sigma m`` (module docstring)."""
 
     name = "friendlysam"
+    config_keys = {"friendly_sigma": "sigma", "friendly_lambda": "lmbda"}
     title = "FriendlySAM"
     observes = True
 

@@ -65,6 +65,7 @@ class GSAMRule(SAMRule):
     """GSAM: ``h_j - alpha * g_perp_j`` per micro-batch (see the module docstring)."""
 
     name = "gsam"
+    config_keys = {"gsam_alpha": "alpha", "gsam_rho_min": None}
     title = "GSAM"
     combines = True
 

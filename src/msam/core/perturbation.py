@@ -184,6 +184,9 @@ class PerturbationRule:
     name = "base"
     #: The name in tables and plots (``None``: :attr:`name`).
     title: str | None = None
+    #: Run-config keys of the rule (``msam train``): config key -> constructor argument
+    #: (``None``: read by the trainer, not the constructor). Each key is a field of the config.
+    config_keys: dict[str, str | None] = {}
     #: A rule that also changes how ``h_j`` is used sets this and implements :meth:`combine`:
     #: the engine then keeps ``g_j`` (it calls the rule with ``owned=False``) and asks the
     #: evaluator for each micro-batch's ``h_j`` separately (see docs/core.md).

@@ -56,6 +56,7 @@ class WSAMRule(SAMRule):
     ``(1 - beta) g_j + beta h_j``."""
 
     name = "wsam"
+    config_keys = {"wsam_gamma": "gamma", "wsam_decoupled": "decoupled"}
     title = "WSAM"
     combines = True
 

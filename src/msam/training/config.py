@@ -61,14 +61,32 @@ __all__ = [  # and, from studyconfig: StudyConfig, study_from_dict, load_study_c
     "train_config_from_dict",
 ]
 
-METHODS = ("sgd", "sam", "msam", "asam", "gsam", "friendlysam", "wsam", "gcsam")
-#: The SAM family (docs/variants.md): each uses ``micro_batches`` as msam does (m = 1 is the
-#: paper's method) and reads only its own keys below.
-VARIANT_KEYS: dict[str, frozenset[str]] = {
-    "gsam": frozenset({"gsam_alpha", "gsam_rho_min"}),
-    "friendlysam": frozenset({"friendly_sigma", "friendly_lambda"}),
-    "wsam": frozenset({"wsam_gamma", "wsam_decoupled"}), "gcsam": frozenset(),
-}
+def variant_keys() -> dict[str, frozenset[str]]:
+    """The SAM family from the rule registry (docs/variants.md; ``msam.register_rule`` adds
+    to it): each rule's run-config keys. Each uses ``micro_batches`` as msam does (m = 1 is the
+    paper's method) and reads only its own keys."""
+    from msam.core.registry import RULES
+
+    return {name: frozenset(cls.config_keys) for name, cls in RULES.items()
+            if name not in ("sam", "asam")}
+
+
+def _takes_micro_batches(method: str) -> bool:
+    """False for a rule without an ascent pass (Momentum-SAM): one direction per batch."""
+    from msam.core.registry import RULES
+
+    cls = RULES.get(method)
+    return cls is None or cls.ascent
+
+
+def methods() -> tuple[str, ...]:
+    """The methods a run config may name: sgd, sam, msam, asam and the registry's rules."""
+    return ("sgd", "sam", "msam", "asam", *variant_keys())
+
+
+#: As at import (the registry can grow later: :func:`methods`, :func:`variant_keys`).
+METHODS = methods()
+VARIANT_KEYS: dict[str, frozenset[str]] = variant_keys()
 BASES = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 STRATEGIES = ("loop", "vmap", "batched", "lowrank", "auto")
@@ -236,11 +254,12 @@ class TrainConfig(_Schema):
     model: str = _f("small_cnn", "model name (msam.models.MODELS)")
     model_options: dict[str, Any] = _f({}, "keyword options of build_model")
     # optimizer
-    optimizer: _choice(*METHODS) = _f("msam", "method; sgd means the base optimizer alone "
-                                              "(no SAM)")
+    optimizer: str = _f("msam", "method (sgd, sam, msam, asam or a rule of the registry, e.g. "
+                                "gsam, momentumsam); sgd means the base optimizer alone (no SAM)")
     base: _choice(*BASES) = _f("sgd", "base optimizer")
     rho: Float = _f(0.05, "SAM neighbourhood radius (ignored by sgd)", ge=0, le=F32_MAX)
-    micro_batches: Int = _f(4, "m for msam, asam and the SAM family (sgd and sam use 1)", ge=1)
+    micro_batches: Int = _f(4, "m for msam, asam and the SAM family (sgd, sam and momentumsam "
+                               "use 1)", ge=1)
     strategy: _choice(*STRATEGIES) = _f("loop", "mSAM execution strategy")
     micro_batch_chunk: _opt(Int, ge=1) = _f(
         None, "batched strategy: micro-batches per batched pass (bounds memory; null: all)")
@@ -306,6 +325,16 @@ class TrainConfig(_Schema):
     tensorboard: bool = _f(False, "also log to TensorBoard (skipped if not installed)")
     sharpness: SharpnessConfig = _f(SharpnessConfig, "sharpness after training")
 
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer(cls, name: Any) -> Any:
+        if not isinstance(name, str):
+            return name   # pydantic's own type error
+        name = name.strip().lower()
+        if name not in methods():
+            raise _fail("", f"is {name!r}; choose one of {', '.join(methods())}")
+        return name
+
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, name: str) -> str:
@@ -330,8 +359,8 @@ class TrainConfig(_Schema):
             cfg.rho, cfg.micro_batches, cfg.perturb = 0.0, 1, "all"
             for key in SCHEDULE_KEYS:  # the base optimizer alone has no perturbation steps
                 setattr(cfg, key, TrainConfig.model_fields[key].default)
-        elif cfg.optimizer == "sam":
-            cfg.micro_batches = 1
+        elif cfg.optimizer == "sam" or not _takes_micro_batches(cfg.optimizer):
+            cfg.micro_batches = 1   # SAM; a rule whose direction is shared (Momentum-SAM)
         return cfg
 
 
@@ -362,7 +391,7 @@ def _cross_checks(c: TrainConfig) -> Iterable[tuple[str, bool, str]]:
                f"must be in [0, rho={c.rho:g}], got {c.gsam_rho_min:g}")
         yield ("gsam_rho_min", c.min_lr < c.lr,
                f"needs min_lr < lr (rho follows the lr between them), got min_lr={c.min_lr:g}")
-    yield ("micro_batches", c.optimizer not in ("msam", "asam", *VARIANT_KEYS)
+    yield ("micro_batches", c.optimizer not in ("msam", "asam", *variant_keys())
            or c.micro_batches <= c.batch_size,
            f"is {c.micro_batches}, more than batch_size={c.batch_size}")
     yield ("start_epoch", c.start_epoch is None or c.start_fraction == 0,

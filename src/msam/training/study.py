@@ -77,6 +77,7 @@ IGNORED_BY = {
 }
 # The SAM family (docs/variants.md): micro_batches as msam, and only its own keys.
 IGNORED_BY.update({method: {"eta"} for method in VARIANT_KEYS})
+IGNORED_BY["momentumsam"] |= {"micro_batches"}   # one shared direction: m = 1
 for _method, _ignored in IGNORED_BY.items():
     _ignored |= set().union(*VARIANT_KEYS.values()) - VARIANT_KEYS.get(_method, set())
 _ABBREV = {"rho": "rho", "micro_batches": "m", "seed": "s", "label_noise": "noise",

@@ -248,7 +248,7 @@ def start_step(cfg: TrainConfig, steps_per_epoch: int | None) -> int:
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module,
-                    steps_per_epoch: int | None = None) -> torch.optim.Optimizer:
+                    steps_per_epoch: int | None = None) -> msam.MSAM:
     """The run's optimizer: the base optimizer alone (``sgd``) or :class:`msam.MSAM` around it
     (with the perturbation schedule of ``every`` / ``start_*`` / ``reuse``)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -261,14 +261,31 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module,
         kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
                       weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return base_cls(params, **kwargs)
+        # The base optimizer alone, through msam's one base step (clipping after unscaling, the
+        # GradScaler, non-finite checks): rho = 0 and one micro-batch is one pass at w.
+        return msam.MSAM(params, base_cls, rho=0.0, micro_batches=1, model=model,
+                         max_grad_norm=cfg.max_grad_norm, nonfinite=cfg.nonfinite, **kwargs)
     perturb = None
     if cfg.perturb == "norm":  # SAM-ON: only the normalisation layers' parameters
         perturb = [p for p in msam.normalization_parameters(model) if p.requires_grad]
         if not perturb:
             raise ConfigError(f"config: key 'perturb' is 'norm' but model {cfg.model!r} has no "
                               "trainable normalisation parameters (BatchNorm, GroupNorm, ...)")
-    opt = msam.MSAM(
+    try:
+        opt = _msam(cfg, model, params, base_cls, kwargs, steps_per_epoch, perturb)
+    except ValueError as err:  # a combination the optimizer refuses: name it as config
+        raise ConfigError(f"config: optimizer {cfg.optimizer!r}: {err}") from None
+    if cfg.optimizer == "gsam" and cfg.gsam_rho_min is not None:
+        # GSAM's schedule: rho_t linear in lr_t, rho_min at min_lr up to rho at the peak lr.
+        for group in opt.param_groups:
+            group.update(rho_max=cfg.rho, rho_min=cfg.gsam_rho_min, lr_max=cfg.lr,
+                         lr_min=cfg.min_lr)
+    return opt
+
+
+def _msam(cfg: TrainConfig, model: nn.Module, params: list, base_cls: Any,
+          kwargs: dict[str, Any], steps_per_epoch: int | None, perturb: Any) -> msam.MSAM:
+    return msam.MSAM(
         params, base_cls, rho=cfg.rho,
         micro_batches=1 if cfg.optimizer == "sam" else cfg.micro_batches,
         adaptive=cfg.optimizer == "asam", eta=cfg.eta, model=model,
@@ -279,27 +296,18 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module,
         reuse=None if cfg.reuse == "none" else cfg.reuse, reuse_alpha=cfg.reuse_alpha,
         perturb=perturb, **kwargs,
     )
-    if cfg.optimizer == "gsam" and cfg.gsam_rho_min is not None:
-        # GSAM's schedule: rho_t linear in lr_t, rho_min at min_lr up to rho at the peak lr.
-        for group in opt.param_groups:
-            group.update(rho_max=cfg.rho, rho_min=cfg.gsam_rho_min, lr_max=cfg.lr,
-                         lr_min=cfg.min_lr)
-    return opt
 
 
 def variant_rule(cfg: TrainConfig) -> msam.PerturbationRule | None:
-    """The perturbation rule of a SAM-family method (docs/variants.md), else None."""
-    from msam.core import FriendlySAMRule, GCSAMRule, GSAMRule, WSAMRule
+    """The perturbation rule of a SAM-family method (docs/variants.md), from the registry with
+    its run-config keys as constructor arguments; None for sgd, sam, msam and asam."""
+    from msam.core.registry import RULES
 
-    if cfg.optimizer == "gsam":
-        return GSAMRule(alpha=cfg.gsam_alpha)
-    if cfg.optimizer == "friendlysam":
-        return FriendlySAMRule(sigma=cfg.friendly_sigma, lmbda=cfg.friendly_lambda)
-    if cfg.optimizer == "wsam":
-        return WSAMRule(gamma=cfg.wsam_gamma, decoupled=cfg.wsam_decoupled)
-    if cfg.optimizer == "gcsam":
-        return GCSAMRule()
-    return None
+    if cfg.optimizer in ("sgd", "sam", "msam", "asam"):
+        return None
+    cls = RULES[cfg.optimizer]
+    return cls(**{arg: getattr(cfg, key) for key, arg in cls.config_keys.items()
+                  if arg is not None})
 
 
 def _milestone_steps(cfg: TrainConfig, steps_per_epoch: int) -> list[int]:
@@ -738,7 +746,7 @@ class _Run:
     data: _Data
     steps_per_epoch: int
     model: nn.Module
-    opt: torch.optim.Optimizer
+    opt: msam.MSAM
     scheduler: Any
     factor: Callable[[int], float]
     scaler: Any
@@ -817,7 +825,10 @@ def _set_up(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.devi
 def _restore(run: _Run, ckpt: dict) -> None:
     """Everything a checkpoint holds, so that the run continues bit-identically."""
     run.model.load_state_dict(ckpt["model"])
-    run.opt.load_state_dict(ckpt["optimizer"])
+    if run.cfg.optimizer == "sgd" and "msam" not in ckpt["optimizer"]:
+        run.opt.base_optimizer.load_state_dict(ckpt["optimizer"])  # a run saved before v3
+    else:
+        run.opt.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     # The schedule is rebuilt from the config (epochs may have changed): set the lr of the next
     # step from it (identical to the saved value when nothing changed).
@@ -904,12 +915,10 @@ def _step(run: _Run, loss_fn: Callable[[Any], torch.Tensor], batch: Any,
     """One optimizer step: ``(loss, skipped)``; a failure becomes a TrainingError."""
     opt, scaler = run.opt, run.scaler
     try:
-        if isinstance(opt, msam.MSAM):
-            loss = opt.step(loss_fn, batch, scaler=scaler)
-            if scaler is not None:
-                scaler.update()
-            return loss, bool(opt.last_result is not None and opt.last_result.skipped)
-        return _base_step(run.cfg, opt, loss_fn, batch, scaler)
+        loss = opt.step(loss_fn, batch, scaler=scaler)
+        if scaler is not None:
+            scaler.update()
+        return loss, bool(opt.last_result is not None and opt.last_result.skipped)
     except Exception as err:
         raise _step_failed(run.files, epoch, run.global_step, err) from err
 
@@ -963,33 +972,6 @@ def _finish(run: _Run) -> RunResult:
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })})
     return run.result(True, sharp)
-
-
-def _base_step(cfg: TrainConfig, opt: torch.optim.Optimizer, loss_fn: Callable,
-               batch: Any, scaler: Any) -> tuple[torch.Tensor, bool]:
-    """One plain step (``optimizer: sgd``): a single forward/backward on the whole batch."""
-    opt.zero_grad(set_to_none=True)
-    loss = loss_fn(batch)
-    if not bool(torch.isfinite(loss.detach())):
-        if cfg.nonfinite == "skip" or scaler is not None:
-            return loss.detach(), True
-        raise FloatingPointError("non-finite training loss; set nonfinite: skip to skip such "
-                                 "steps")
-    params = [p for g in opt.param_groups for p in g["params"]]
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        if cfg.max_grad_norm is not None:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        before = scaler.get_scale()
-        scaler.step(opt)
-        scaler.update()
-        return loss.detach(), scaler.get_scale() < before
-    loss.backward()
-    if cfg.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    opt.step()
-    return loss.detach(), False
 
 
 def _step_failed(files: RunFiles, epoch: int, global_step: int, err: Exception) -> TrainingError:
