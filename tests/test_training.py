@@ -217,7 +217,9 @@ def test_methods_and_options(tmp_path, optimizer, kw):
         assert res.info["sizes"]["test"] == 50 and res.info["label_noise"]["rate"] == 0.4
     if optimizer == "sgd":
         ckpt = load_checkpoint(res.run_dir / "last.pt")
-        assert "msam" not in ckpt["optimizer"]
+        # the base optimizer alone, through msam's base step: rho 0, one micro-batch
+        assert ckpt["optimizer"]["msam"]["micro_batches"] == 1
+        assert all(g["rho"] == 0.0 for g in ckpt["optimizer"]["param_groups"])
 
 
 def test_nonfinite_skip(tmp_path):
