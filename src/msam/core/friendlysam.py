@@ -64,16 +64,17 @@ class FriendlySAMRule(PerturbationRule):
     def __call__(self, grads, params, groups, *, owned=False):
         check_dense(grads, params)
         keep = 1.0 - self.sigma * (1.0 - self.lmbda)
-        dirs: list[torch.Tensor | None] = []
-        for i, g in enumerate(grads):
-            if g is None:
-                dirs.append(None)
-                continue
-            m = self._ema(i, g)
-            d = g * keep   # a new tensor: the SAM step may write e_j into it
-            dirs.append(d if m is None else d.add_(m, alpha=-self.lmbda * self.sigma))
-        # Each direction is a new tensor: the SAM step may write e_j into it.
-        return self._sam(dirs, params, groups, owned=True)
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        dirs: list[torch.Tensor | None] = [None] * len(grads)
+        # d = keep g - lambda sigma m: new tensors (one fused multiply), then the EMA term
+        for i, d in zip(idx, torch._foreach_mul([grads[i] for i in idx], keep)):
+            dirs[i] = d
+        with_m = [(dirs[i], m) for i in idx if (m := self._ema(i, grads[i])) is not None]
+        if with_m:
+            torch._foreach_add_([d for d, _ in with_m], [m for _, m in with_m],
+                                alpha=-self.lmbda * self.sigma)
+        # Each direction is a new, distinct tensor: the SAM step writes e_j into it.
+        return self._sam(dirs, params, groups, owned=True, exclusive=True)
 
     def begin_step(self) -> None:
         self._batch_grad = {}
@@ -98,12 +99,15 @@ class FriendlySAMRule(PerturbationRule):
     def update(self, clean) -> None:
         """``m_t = lambda m_{t-1} + (1 - lambda) g_t`` with the step's clean gradient ``g_t``
         (the engine's weighted sum of the ``g_j``; it may be ``g`` itself, so out of place)."""
+        old = [(i, m, gt) for i, gt in enumerate(clean)
+               if gt is not None and (m := self._ema(i, gt)) is not None]
+        if old:  # m <- lambda m + (1 - lambda) g, fused over the parameters
+            ms = [m for _, m, _ in old]
+            torch._foreach_mul_(ms, self.lmbda)
+            torch._foreach_add_(ms, [gt for _, _, gt in old], alpha=1.0 - self.lmbda)
         for i, gt in enumerate(clean):
-            if gt is None:
-                continue
-            m = self._ema(i, gt)
-            self.m[i] = gt.mul(1.0 - self.lmbda) if m is None else \
-                m.mul_(self.lmbda).add_(gt, alpha=1.0 - self.lmbda)
+            if gt is not None and i not in self.m:
+                self.m[i] = gt.mul(1.0 - self.lmbda)
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "sigma": self.sigma, "lmbda": self.lmbda,

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from msam.core.perturbation import PerturbationRule
+from msam.core.perturbation import PerturbationRule, SAMRule, check_dense
 
 __all__ = ["GCSAMRule"]
+
+_SAM = SAMRule()
 
 
 def centralized(g: torch.Tensor) -> torch.Tensor:
@@ -47,3 +49,14 @@ class GCSAMRule(PerturbationRule):
 
     def norm_terms(self, g, w, group):
         return centralized(g)
+
+    @torch.no_grad()
+    def __call__(self, grads, params, groups, *, owned=False, reduce_sq=None, exclusive=False):
+        # GC(g) once per tensor (direction and norm are the same), then SAM's step on it; a
+        # centralised tensor is new and distinct, so e_j is written into it.
+        check_dense(grads, params)
+        fresh = [g is not None and g.dim() >= 2 for g in grads]
+        cg = [None if g is None else centralized(g) for g in grads]
+        if all(f for f, g in zip(fresh, grads) if g is not None):
+            return _SAM(cg, params, groups, owned=True, exclusive=True, reduce_sq=reduce_sq)
+        return _SAM(cg, params, groups, owned=owned, reduce_sq=reduce_sq)
