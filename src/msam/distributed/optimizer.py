@@ -537,7 +537,30 @@ class DDPDistribution(Distribution):
         self._needs_sync = False
 
 
-class DistributedMSAM(MSAM):
+class RankView:
+    """The process-group facts of a distributed optimizer, read from its distribution."""
+
+    distribution: Any
+
+    @property
+    def world_size(self) -> int:
+        return self.distribution.world_size  # type: ignore[no-any-return]
+
+    @property
+    def rank(self) -> int:
+        return self.distribution.rank  # type: ignore[no-any-return]
+
+    @property
+    def process_group(self) -> Any:
+        return self.distribution.process_group
+
+    @property
+    def comm_counts(self) -> dict[str, int]:
+        """Collectives made by the optimizer itself (the wrapper's own not counted)."""
+        return self.distribution.comm_counts  # type: ignore[no-any-return]
+
+
+class DistributedMSAM(RankView, MSAM):
     """mSAM (or SAM) for a model wrapped in ``DistributedDataParallel``.
 
     Args:
@@ -625,22 +648,6 @@ class DistributedMSAM(MSAM):
         distribution.check_settings(self)
 
     # -- public ------------------------------------------------------------------------------
-    @property
-    def world_size(self) -> int:
-        return self.distribution.world_size
-
-    @property
-    def rank(self) -> int:
-        return self.distribution.rank  # type: ignore[attr-defined, no-any-return]
-
-    @property
-    def process_group(self) -> Any:
-        return self.distribution.process_group  # type: ignore[attr-defined]
-
-    @property
-    def comm_counts(self) -> dict[str, int]:
-        return self.distribution.comm_counts  # type: ignore[attr-defined, no-any-return]
-
     @property
     def global_micro_batches(self) -> int | None:
         """Perturbations averaged per step over all ranks (``world_size * m``; 1 if synchronized).

@@ -48,6 +48,7 @@ from msam.core.perturbation import PerturbationRule, sum_of_squares
 from msam.core.registry import check_support
 from msam.distributed.optimizer import (
     DistributedStepError,
+    RankView,
     RemoteNonFiniteError,
     UnsupportedWrapperError,
 )
@@ -233,7 +234,7 @@ class FSDPStrategy(LoopStrategy):
         raise ValueError("ShardedMSAM does not support rules that combine g_j and h_j")
 
 
-class ShardedMSAM(MSAM):
+class ShardedMSAM(RankView, MSAM):
     """SAM / mSAM for a model sharded with FSDP2 ``fully_shard`` (see the module docstring).
 
     Args:
@@ -302,22 +303,6 @@ class ShardedMSAM(MSAM):
                          distribution=distribution, **kwargs)
         self.module = model
         self.check_errors = check_errors
-
-    @property
-    def world_size(self) -> int:
-        return self.distribution.world_size
-
-    @property
-    def rank(self) -> int:
-        return self.distribution.rank  # type: ignore[attr-defined, no-any-return]
-
-    @property
-    def process_group(self) -> Any:
-        return self.distribution.process_group  # type: ignore[attr-defined]
-
-    @property
-    def comm_counts(self) -> dict[str, int]:
-        return self.distribution.comm_counts  # type: ignore[attr-defined, no-any-return]
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip ``.grad`` to the global norm ``max_norm`` over all shards (see
