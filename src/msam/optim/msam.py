@@ -44,32 +44,16 @@ from torch.optim import Optimizer
 from msam.core.perturbation import PerturbationRule
 from msam.core.registry import check_support
 from msam.core.schedule import Schedule
+from msam.optim import params as checks
 from msam.optim import state as _state
 from msam.optim.distribution import Distribution
 from msam.optim.functional import msam_gradient
 from msam.optim.hooks import step_entry
-from msam.optim.params import (
-    build_base,
-    call_arguments,
-    make_schedule,
-    nothing_accumulated,
-    perturb_ids,
-    resolve_base,
-    validate_group,
-    validate_max_grad_norm,
-)
-from msam.optim.step import (
-    GradientConfig,
-    GradientResult,
-    Step,
-    check_decoupled_lr,
-    validate_eta,
-    validate_rho,
-)
+from msam.optim.step import GradientConfig, GradientResult, Step, check_decoupled_lr
 from msam.optim.wrapper import WrapperOptimizer
 from msam.strategies import Strategy
 
-__all__ = ["ASAM", "MSAM", "SAM", "Schedule", "msam_gradient"]
+__all__ = ["MSAM", "Schedule", "msam_gradient"]
 
 
 class MSAM(WrapperOptimizer):
@@ -129,10 +113,9 @@ class MSAM(WrapperOptimizer):
         **base_kwargs: Any,
     ) -> None:
         self.distribution = Distribution() if distribution is None else distribution
-        self.schedule = make_schedule(schedule, every, start_step, reuse, reuse_alpha)
-        rho = validate_rho(rho)
-        eta = validate_eta(eta)
-        max_grad_norm = validate_max_grad_norm(max_grad_norm)
+        self.schedule = checks.make_schedule(schedule, every, start_step, reuse, reuse_alpha)
+        rho, eta = checks.validate_rho(rho), checks.validate_eta(eta)
+        max_grad_norm = checks.validate_max_grad_norm(max_grad_norm)
         self.engine = GradientConfig(
             micro_batches=micro_batches, micro_batch_size=micro_batch_size, adaptive=adaptive,
             rule=rule, strategy=strategy, model=model, nonfinite=nonfinite,
@@ -142,10 +125,10 @@ class MSAM(WrapperOptimizer):
         self.max_grad_norm = max_grad_norm
         defaults = {"rho": rho, "eta": eta}
 
-        base, groups = resolve_base(params, base_optimizer, base_kwargs)
+        base, groups = checks.resolve_base(params, base_optimizer, base_kwargs)
         super().__init__(groups, defaults)
         if base is None:   # a class or factory: built over the validated groups
-            base = build_base(base_optimizer, self.param_groups, base_kwargs)
+            base = checks.build_base(base_optimizer, self.param_groups, base_kwargs)
         self.base_optimizer = base
         # Schedulers read the base optimizer's hyperparameters (e.g. OneCycleLR: momentum/betas).
         self.defaults = {**base.defaults, **defaults}
@@ -154,7 +137,7 @@ class MSAM(WrapperOptimizer):
             self.engine.rule.validate_group(g, f"param_groups[{i}]")
         if not self._params():
             raise ValueError("params: no parameter requires grad")
-        self._perturb_ids = perturb_ids(perturb, self.param_groups)
+        self._perturb_ids = checks.perturb_ids(perturb, self.param_groups)
         if self.schedule.reuse is not None and perturb is not None:
             raise ValueError(f"reuse: {self.schedule.reuse!r} needs every parameter perturbed "
                              "(its direction is made from the clean gradient of the perturbed "
@@ -181,7 +164,7 @@ class MSAM(WrapperOptimizer):
         params, groups, perturb = [], [], []
         self._link()  # a base-optimizer load may have replaced the groups
         for i, g in enumerate(self.param_groups):
-            validate_group(g, f"param_groups[{i}]")  # a scheduler may have changed rho
+            checks.validate_group(g, f"param_groups[{i}]")  # a scheduler may have changed rho
             self.engine.rule.validate_group(g, f"param_groups[{i}]")
             for p in g["params"]:
                 if not p.requires_grad:
@@ -267,10 +250,10 @@ class MSAM(WrapperOptimizer):
         """
         self._check_no_two_step("step")
         self.distribution.check_call(loss_fn, batch, closure, scaler, accumulate=False)
-        loss_fn = call_arguments(loss_fn, batch, closure)
+        loss_fn = checks.call_arguments(loss_fn, batch, closure)
         if loss_fn is None:   # finishing accumulate() calls
             if not self.pending:
-                raise nothing_accumulated(self.base_optimizer)
+                raise checks.nothing_accumulated(self.base_optimizer)
             assert self._step is not None
             self._finish(self._step, scaler, keep=True)
             return None
@@ -360,15 +343,7 @@ class MSAM(WrapperOptimizer):
         none). ``m = 1`` only: micro-batches need ``step(loss_fn, batch)``."""
         self._check_no_two_step("first_step")
         self.distribution.check_two_step()
-        if not self.schedule.trivial:
-            raise ValueError(f"first_step: the two-step API perturbs on every call; with a "
-                             f"schedule ({self.schedule!r}) use opt.step(loss_fn, batch)")
-        if (self.engine.micro_batches or 1) != 1 or self.engine.micro_batch_size is not None:
-            raise ValueError(
-                "first_step: the two-step API perturbs once per batch (m = 1); with "
-                "micro_batches use opt.step(loss_fn, batch)"
-            )
-        check_support(self.engine.rule, where="two_step")
+        checks.check_two_step(self.schedule, self.engine)
         step = self._begin(None)
         step.move_by_grad(frozen_bn=self.engine.model is not None)   # w + e, from .grad
         self._two_step = step
@@ -422,26 +397,3 @@ class MSAM(WrapperOptimizer):
 
 
 MSAM.step = step_entry(MSAM.step)  # type: ignore[method-assign]
-
-
-class SAM(MSAM):
-    """SAM (Foret et al. 2021): :class:`MSAM` with one perturbation per batch (``m = 1``)."""
-
-    def __init__(self, params, base_optimizer, rho: float = 0.05, **kwargs: Any) -> None:
-        for k in ("micro_batches", "micro_batch_size"):
-            if k in kwargs:
-                raise ValueError(f"{k}: SAM uses one micro-batch; use msam.MSAM for m > 1")
-        super().__init__(params, base_optimizer, rho, **kwargs)
-
-
-class ASAM(MSAM):
-    """ASAM (Kwon et al. 2021): :class:`MSAM` with ``adaptive=True`` (micro-batches allowed).
-
-    Defaults: ``rho=0.5``, ``eta=0.01`` (the ASAM paper's CIFAR-10 settings).
-    """
-
-    def __init__(self, params, base_optimizer, rho: float = 0.5, **kwargs: Any) -> None:
-        if kwargs.pop("adaptive", True) is not True:
-            raise ValueError("adaptive: ASAM is adaptive; use msam.MSAM for adaptive=False")
-        super().__init__(params, base_optimizer, rho, adaptive=True, **kwargs)
-

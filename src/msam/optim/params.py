@@ -13,9 +13,9 @@ from torch.optim import Optimizer
 from msam.core.schedule import Schedule
 from msam.optim.step import validate_eta, validate_rho
 
-__all__ = ["build_base", "call_arguments", "check_new_group", "flatten_params", "make_schedule",
-           "nothing_accumulated", "perturb_ids", "resolve_base", "validate_group",
-           "validate_max_grad_norm"]
+__all__ = ["build_base", "call_arguments", "check_new_group", "check_two_step", "flatten_params",
+           "make_schedule", "nothing_accumulated", "perturb_ids", "resolve_base",
+           "validate_eta", "validate_group", "validate_max_grad_norm", "validate_rho"]
 
 
 def describe(p: torch.Tensor) -> str:
@@ -163,3 +163,17 @@ def nothing_accumulated(base: Optimizer) -> RuntimeError:
         "msam.msam_gradient). In a framework's training loop use msam.integrations: "
         "huggingface.MSAMTrainer (Hugging Face Trainer), accelerate.backward (accelerate), "
         "lightning.MSAMModule / lightning.manual_step (Lightning); see docs/integrations.md")
+
+
+def check_two_step(schedule: Schedule, cfg: Any) -> None:
+    """``first_step``: the two-step API perturbs once per batch, on every call, with a rule that
+    needs nothing but ``g``."""
+    from msam.core.registry import check_support
+
+    if not schedule.trivial:
+        raise ValueError(f"first_step: the two-step API perturbs on every call; with a "
+                         f"schedule ({schedule!r}) use opt.step(loss_fn, batch)")
+    if (cfg.micro_batches or 1) != 1 or cfg.micro_batch_size is not None:
+        raise ValueError("first_step: the two-step API perturbs once per batch (m = 1); with "
+                         "micro_batches use opt.step(loss_fn, batch)")
+    check_support(cfg.rule, where="two_step")
