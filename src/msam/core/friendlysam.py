@@ -16,7 +16,9 @@ per step with the batch gradient at ``w``, ``g_t = sum_j (n_j / n) g_j`` (then `
 is exactly the paper's update). ``m_0 = 0``. The EMA is updated only when a step is committed (a
 skipped or failed step leaves it as it was) and not on ``rho = 0`` steps (nothing is perturbed,
 so no ascent gradient is taken). Under DDP each rank keeps the EMA of its own local gradients
-(its perturbation is local, as in mSAM). With ``accumulate()`` each call is one batch.
+(its perturbation is local, as in mSAM). With ``accumulate()`` the ``k`` calls are one step:
+``g_t`` is the scale-weighted sum of their ``g_j`` and the EMA is updated once, when the step
+commits (each call perturbs with ``m_{t-1}``).
 
 Hyperparameters (constructor): ``sigma`` in ``[0, 1]``, the weight of the removed component
 (default 1, the paper's setting), and ``lmbda`` (lambda) in ``[0, 1]``, the EMA decay (default
