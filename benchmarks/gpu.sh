@@ -19,7 +19,7 @@ else
   dev=cuda; out_dir=benchmarks/results; models=mlp,small_cnn,resnet20,wrn16_4; ms=1,4,8,16
   strategies=loop,batched,lowrank,auto; steps=10; extra=(); bench_extra=()
   # the tests whose code paths run on whatever device the tensors are on
-  tests=(tests/test_reference_strict.py tests/test_usam.py tests/test_momentumsam.py)
+  tests=(tests/optim/test_reference_equations.py tests/core/test_usam.py tests/core/test_momentumsam.py)
 fi
 report="$out_dir/gpu-$stamp.md"
 mkdir -p "$out_dir"

@@ -19,10 +19,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "msam"
-STRICT = "tests/test_reference_strict.py"
-MATRIX = "tests/test_optimizer_matrix.py"
-CONFORMANCE = "tests/test_optim_conformance.py"
-DIST = "tests/test_distributed.py"
+STRICT = "tests/optim/test_reference_equations.py"
+MATRIX = "tests/optim/test_optimizer_matrix.py"
+CONFORMANCE = "tests/optim/test_torch_optim_conformance.py"
+DIST = "tests/distributed/test_ddp.py"
 
 # name: (file, old, new, tests)
 MUTANTS = {
@@ -61,12 +61,12 @@ MUTANTS = {
                       "                out[i]",
                       "            offset = 0\n            for i in idx:\n"
                       "                n = full[i].numel()\n                out[i]",
-                      ["tests/test_distributed.py"]),
+                      ["tests/distributed/test_ddp.py"]),
     "restore_skipped": ("strategies/loop.py",
                         "            torch._foreach_copy_(self.ctx.pert_params, self.ctx.backup)",
                         "            pass", [MATRIX]),
     "autocast_cache_kept": ("strategies/base.py", "    torch.clear_autocast_cache()",
-                            "    pass", ["tests/test_core_v2.py"]),
+                            "    pass", ["tests/optim/test_optimizer_api.py"]),
     "no_unscale_before_clip": ("optim/msam.py",
                                "                scaler.unscale_(self.base_optimizer)\n", "",
                                [CONFORMANCE
@@ -85,13 +85,13 @@ MUTANTS = {
     "bn_commit_skipped": ("optim/step.py",
                           "schedule's new direction. Once.\"\"\"\n        for bn in self.bn:",
                           "schedule's new direction. Once.\"\"\"\n        for bn in []:",
-                          ["tests/test_batchnorm_policy.py"]),
+                          ["tests/core/test_batchnorm_policy.py"]),
     "usam_normalised": ("core/usam.py", 'g * float(group["rho"])',
-                        'g * float(group["rho"]) / (norm + 1e-12)', ["tests/test_usam.py"]),
+                        'g * float(group["rho"]) / (norm + 1e-12)', ["tests/core/test_usam.py"]),
     "rollback_keeps_grads": ("optim/step.py",
                              "nothing else was written.\"\"\"\n        if self.before is not None:",
                              "nothing else was written.\"\"\"\n        if False:",
-                             ["tests/test_schedules.py::test_reuse_off_step_whose_base_step_"
+                             ["tests/optim/test_schedules.py::test_reuse_off_step_whose_base_step_"
                               "fails_leaves_the_plain_gradient"]),
 }
 

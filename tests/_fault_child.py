@@ -1,4 +1,5 @@
-"""Child process of tests/test_faults_runs.py: train (or run a study) with a fault injected.
+"""Child process of tests/training/test_faults_runs.py: train (or run a study) with a fault
+injected.
 
     python _fault_child.py train CONFIG_JSON POINT N
     python _fault_child.py study STUDY_YAML SLEEP_S

@@ -1,7 +1,7 @@
 """The demo (``make demo``, ``msam demo``): its built-in config and what it prints at the end.
 
 ``DEMO_CONFIG`` is a built-in copy of ``configs/demo.yaml`` (used when msam runs outside its
-source tree); ``tests/test_cli.py`` checks that the two stay identical.
+source tree); ``tests/cli/test_cli.py`` checks that the two stay identical.
 """
 
 from __future__ import annotations

@@ -221,5 +221,5 @@ def test_docs_reference_table_is_generated_from_the_schema():
 
     from msam.training import config_reference
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
     assert config_reference() in doc, "regenerate the table in docs/training.md"

@@ -19,7 +19,7 @@ from msam.training.config import parse_override
 from msam.training.schedule import lr_factor_fn
 from msam.training.study import expand_grid
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs").glob("*.toml"))
 
 

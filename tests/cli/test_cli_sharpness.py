@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _runs import tiny
 from msam.analysis import top_hessian_eigenvalues
 from msam.cli.main import main
 from msam.training import train
 from msam.training.measure import load_trained_model
-from test_training import tiny
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import msam.cli.main as cli
 from msam.cli.demo import DEMO_CONFIG
 from msam.cli.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 RUN = """
 dataset: digits

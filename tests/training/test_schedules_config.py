@@ -124,7 +124,7 @@ def test_study_cases_are_validated(tmp_path):
 
 
 def test_the_schedules_study_config_expands():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     study = load_study_config(root / "configs" / "fashion_mnist_noisy_schedules.yaml")
     runs = expand_grid(study)
     assert len(runs) == 30 and len({r.name for r in runs}) == 30

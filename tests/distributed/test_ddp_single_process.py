@@ -1,7 +1,7 @@
 """msam.distributed in one process: validation, wrapper detection, checkpoint files.
 
-The multi-rank behaviour is in ``test_distributed.py``; here a one-rank gloo group (an in-memory
-store, no sockets) is enough to build DDP and FSDP wrappers.
+The multi-rank behaviour is in ``tests/distributed/test_ddp.py``; here a one-rank gloo group (an
+in-memory store, no sockets) is enough to build DDP and FSDP wrappers.
 """
 
 from __future__ import annotations

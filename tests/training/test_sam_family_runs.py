@@ -146,7 +146,7 @@ def test_noisy_variants_study_config_expands_to_the_intended_runs():
 
     from msam.training import load_study_config
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     runs = expand_grid(load_study_config(root / "configs" / "fashion_mnist_noisy_variants.yaml"))
     cells = {(r.method, r.config.micro_batches, r.config.rho) for r in runs}
     grid = {(m, r) for m in (1, 4) for r in (0.05, 0.1, 0.2, 0.4)} | {(16, 0.05), (16, 0.1)}

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_faults_runs import _flip, _half_done, assert_identical_to, reference, tiny  # noqa: F401
 
 from msam.cli.main import main
 from msam.training import train, trainer
 from msam.training.rundir import IntegrityError, RunDirError, RunFiles, run_lock
-from test_faults_runs import _flip, _half_done, assert_identical_to, reference, tiny  # noqa: F401
 
 
 def _files(run: Path) -> dict[str, bytes]:

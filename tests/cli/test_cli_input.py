@@ -12,7 +12,7 @@ import pytest
 
 from msam.cli.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = """\
 dataset: digits

@@ -3,7 +3,7 @@
 The module spawns two processes once (torch.multiprocessing, "spawn") that talk over gloo on
 127.0.0.1; every process is bounded by a timeout (the process group's, and a join deadline in
 the parent), so a hang fails the test instead of blocking the run. The ranks' results come
-back as ``torch.save`` files. The scenarios live in ``test_distributed_workers.py`` (importable
+back as ``torch.save`` files. The scenarios live in ``_ddp_workers.py`` (importable
 by the spawned children); they all run in one 2-rank launch, shared by the tests below.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_distributed_workers import spawn
+from _ddp_workers import spawn
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_ddp_example_writes_its_checkpoint_under_runs(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "examples" / "ddp_train.py"), "--epochs",
                            "1", "--batch-size", "256"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300,

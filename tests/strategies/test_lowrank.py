@@ -9,12 +9,12 @@ import warnings
 
 import pytest
 import torch
+from test_batched import KINDS, _batch, _loss_of, _model
 from torch import nn
 
 import msam
 from msam.core.nonfinite import NonFiniteLossError
 from msam.strategies import LowRankFallbackWarning, LowRankStrategy
-from test_batched import KINDS, _batch, _loss_of, _model
 
 from reference import reference_msam_grad, reference_msam_grad_bn
 

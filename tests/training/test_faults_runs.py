@@ -24,8 +24,8 @@ from msam.training.checkpoint import remove_stale_temp_files
 from msam.training.rundir import IntegrityError, RunFiles, RunLockedError, run_lock
 from msam.training.trainer import RunResult, TrainingError
 
-ROOT = Path(__file__).resolve().parents[1]
-CHILD = Path(__file__).with_name("_fault_child.py")
+ROOT = Path(__file__).resolve().parents[2]
+CHILD = Path(__file__).resolve().parents[1] / "_fault_child.py"
 TIME_KEYS = ("epoch_time_s", "elapsed_s")
 
 

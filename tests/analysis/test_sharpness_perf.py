@@ -1,7 +1,7 @@
 """Timing of lambda_max / trace / m-sharpness on a small BatchNorm CNN (slow; opt-in).
 
-Run with ``MSAM_RUN_SLOW=1 pytest -q -s tests/test_sharpness_perf.py`` or directly as a script
-(``python tests/test_sharpness_perf.py [num_probes] [threads]``), which prints JSON.
+Run with ``MSAM_RUN_SLOW=1 pytest -q -s tests/analysis/test_sharpness_perf.py`` or directly as a
+script (``python tests/analysis/test_sharpness_perf.py [num_probes] [threads]``), which prints JSON.
 Workload: conv-BN-ReLU x2 + linear (50,378 parameters), 2,048 random 1x28x28 examples in
 batches of 256, cross-entropy over 10 random labels.
 """

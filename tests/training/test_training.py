@@ -13,23 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from _runs import tiny
 from msam.data import ArrayDataset, DatasetSplits
 from msam.training import ConfigError, TrainConfig, load_checkpoint, train
 from msam.training.checkpoint import atomic_write_text, remove_stale_temp_files
 from msam.training.trainer import TrainingError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIME_KEYS = ("epoch_time_s", "elapsed_s")
-
-
-def tiny(tmp_path: Path, name: str = "run", **kw) -> TrainConfig:
-    """A run of a fraction of a second per epoch: 128 digits, a 3-layer CNN at 1/4 width."""
-    base = dict(dataset="digits", train_subset=160, val_fraction=0.2, model="small_cnn",
-                model_options={"width": 0.25}, optimizer="msam", micro_batches=2, epochs=4,
-                batch_size=32, eval_batch_size=512, lr=0.05, schedule="cosine",
-                warmup_epochs=1, out_dir=str(tmp_path / name), progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def _state(model_state: dict) -> dict:
