@@ -75,8 +75,12 @@ def test_perturb_bad_values_are_named():
     with pytest.raises(ConfigError, match="perturb"):
         TrainConfig(perturb="bn").resolved()
     with pytest.raises(ConfigError, match="'perturb'.*no trainable normalisation"):
-        build_optimizer(_cfg(model="mlp", model_options={"hidden": [8]}, perturb="norm"),
-                        nn.Sequential(nn.Flatten(), nn.Linear(784, 10)))
+        build_optimizer(_cfg(perturb="norm"), nn.Sequential(nn.Flatten(), nn.Linear(784, 10)))
+    # caught when the config is validated (before a study trains anything) where it is known
+    with pytest.raises(ConfigError, match="'perturb'.*'mlp' has no normalisation"):
+        _cfg(model="mlp", model_options={"hidden": [8]}, perturb="norm")
+    with pytest.raises(ConfigError, match="'perturb'.*norm: none"):
+        _cfg(model_options={"norm": "none"}, perturb="norm")
     with pytest.raises(ConfigError, match="perturb"):
         TrainConfig(perturb="norm", every=2, reuse="looksam", optimizer="msam").resolved()
     assert TrainConfig(optimizer="sgd", perturb="norm").resolved().perturb == "all"

@@ -551,6 +551,10 @@ def validate(cfg: TrainConfig, where: Any = "config") -> None:
            "and start_fraction are both set; give one of them")
     _check(cfg.start_epoch is None or cfg.start_epoch < cfg.epochs, where, "start_epoch",
            f"must be in [0, epochs={cfg.epochs}), got {cfg.start_epoch}")
+    _check(cfg.perturb == "all" or cfg.optimizer == "sgd"
+           or not (cfg.model == "mlp" or cfg.model_options.get("norm") == "none"), where,
+           "perturb", f"is 'norm' but model {cfg.model!r} "
+           f"{'with norm: none ' if cfg.model != 'mlp' else ''}has no normalisation layers")
     _check(cfg.perturb == "all" or cfg.reuse == "none" or cfg.optimizer == "sgd", where,
            "perturb", f"is {cfg.perturb!r} with reuse {cfg.reuse!r}; reuse needs every "
            "parameter perturbed")
