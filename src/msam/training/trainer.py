@@ -748,6 +748,13 @@ def _train(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.devic
             f"{device}")
 
     is_msam = isinstance(opt, msam.MSAM)
+    # SAM-ON with GroupNorm: one-channel images batched as (N, 1, H, W) with strides
+    # (H*W, 1, W, 1) count as channels_last, so the convolutions run channels_last; torch's CPU
+    # GroupNorm backward in that layout, asked only for weight and bias gradients (the
+    # perturbation of the normalisation parameters), writes to a null input gradient and
+    # segfaults (torch 2.13). Standard NCHW strides avoid that kernel path. Only these runs.
+    restride = (cfg.perturb == "norm" and cfg.optimizer != "sgd" and data.modality == "image"
+                and any(isinstance(mod, nn.GroupNorm) for mod in model.modules()))
     tb = _TensorBoard(cfg, run_dir, log)
     epochs_this_call = 0
     try:
@@ -762,6 +769,8 @@ def _train(cfg: TrainConfig, run_dir: Path, files: RunFiles, device: torch.devic
 
             def loss_fn(mb: Any, _tracker: _AccuracyTracker = tracker) -> torch.Tensor:
                 inputs, y = mb
+                if restride:
+                    inputs = inputs.clone(memory_format=torch.contiguous_format)
                 with autocast():
                     logits = model(inputs)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
