@@ -110,3 +110,36 @@ def test_sharpness_rho_is_one_radius_for_every_run(tmp_path, monkeypatch):
         train(TrainConfig(**base, rho=rho, sharpness=sharp,
                           out_dir=str(Path(tmp_path) / f"r{i}")), quiet=True)
     assert seen == [0.02, 0.02, 0.05]
+
+
+def _fashion_mnist_found() -> bool:
+    from msam.data.sources import find_fashion_mnist
+
+    try:
+        return find_fashion_mnist() is not None
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _fashion_mnist_found(), reason="Fashion-MNIST files not found")
+def test_sam_on_with_groupnorm_trains_on_one_channel_images(tmp_path):
+    """Fashion-MNIST batches (N, 1, 28, 28) have strides (784, 1, 28, 1), which count as
+    channels_last; torch's CPU GroupNorm backward in that layout, asked only for weight and bias
+    gradients (SAM-ON's ascent), segfaulted (torch 2.13). In a subprocess: a crash is a -11."""
+    import os
+    import subprocess
+    import sys
+
+    import msam
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"out_dir: {tmp_path / 'run'}\ndataset: fashion_mnist\ntrain_subset: 200\n"
+                   "val_fraction: 0\ntest_subset: 100\nmodel: small_cnn\n"
+                   "model_options: {norm: group, width: 0.25}\noptimizer: sam\nperturb: norm\n"
+                   "rho: 0.1\nepochs: 1\nmax_steps_per_epoch: 2\nbatch_size: 16\nthreads: 1\n"
+                   "progress: false\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(msam.__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "msam.cli.main", "train", str(cfg), "-q"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert (tmp_path / "run" / "done.json").is_file()

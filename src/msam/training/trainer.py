@@ -899,8 +899,20 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
 
 
 def _loss_fn(run: _Run, tracker: _AccuracyTracker) -> Callable[[Any], torch.Tensor]:
+    # SAM-ON with GroupNorm: one-channel images batched as (N, 1, H, W) with strides
+    # (H*W, 1, W, 1) count as channels_last, so the convolutions run channels_last; torch's CPU
+    # GroupNorm backward in that layout, asked only for weight and bias gradients (the
+    # perturbation of the normalisation parameters), writes to a null input gradient and
+    # segfaults (torch 2.13). Standard NCHW strides avoid that kernel path. Only these runs.
+    cfg = run.cfg
+    restride = (cfg.perturb == "norm" and cfg.optimizer != "sgd"
+                and run.data.modality == "image"
+                and any(isinstance(mod, nn.GroupNorm) for mod in run.model.modules()))
+
     def loss_fn(mb: Any) -> torch.Tensor:
         inputs, y = mb
+        if restride:
+            inputs = inputs.clone(memory_format=torch.contiguous_format)
         with run.autocast():
             logits = run.model(inputs)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=run.cfg.label_smoothing)
