@@ -72,6 +72,21 @@ def test_methods_grid():
                                                                          "msam-loop-m2"]
 
 
+def test_a_rule_without_an_ascent_pass_is_timed_once_at_m1():
+    """Momentum-SAM perturbs the whole batch along one direction: m > 1 is refused by the rule,
+    so the bench times it once (m = 1, loop) instead of reporting 'not run' per m / strategy."""
+    keys = [m.key for m in make_methods([1, 4], ["loop", "lowrank"], accum=False,
+                                        variants=["gsam", "momentumsam"])]
+    assert keys == ["sgd", "sam", "msam-loop-m4",
+                    "msam-lowrank-m4", "gsam-loop-m1", "gsam-loop-m4", "gsam-lowrank-m1",
+                    "gsam-lowrank-m4", "momentumsam-loop-m1"]
+    wl = build_workload("mlp", 8)
+    st = make_stepper(wl, make_methods([1], ["loop"], accum=False, variants=["momentumsam"])[-1])
+    for _ in range(2):
+        st.step()
+    assert st.optimizer.base_optimizer.state  # momentum exists: the second step perturbed
+
+
 def test_quantiles():
     q = quantiles([4.0, 1.0, 3.0, 2.0])
     assert q["median"] == 2.5 and q["min"] == 1.0 and q["max"] == 4.0 and q["n"] == 4
@@ -156,3 +171,21 @@ def test_targets_table_says_why_a_target_is_missed():
     for line in misses:
         why = line.rstrip(" |").rsplit("|", 1)[1].strip()
         assert len(why) > 20, line
+
+
+def test_schedules_are_timed_with_each_schedule_strategy_and_momentumsam_once(tmp_path):
+    """Issue 26's table comes from one bench run per model: the schedules with the loop and
+    the best strategy side by side, and Momentum-SAM (one pass, m = 1) next to them."""
+    code = cli.main(["--models", "mlp", "--m", "2", "--strategies", "loop", "--steps", "2",
+                     "--warmup", "1", "--batch-size", "8", "--threads", "1", "--no-memory",
+                     "--no-plot", "--no-accum", "--variants", "momentumsam",
+                     "--schedules", "looksam2", "--schedule-m", "2",
+                     "--schedule-strategy", "loop,lowrank", "--out", str(tmp_path), "-q"])
+    assert code == 0
+    (model,) = json.loads((tmp_path / "bench.json").read_text())["models"]
+    results = {r["key"]: r for r in model["results"]}
+    assert list(results) == ["sgd", "sam", "msam-loop-m2", "momentumsam-loop-m1",
+                             "msam-m2-every2-looksam", "msam-m2-every2-looksam-lowrank"]
+    assert all("error" not in r for r in results.values())
+    assert cli.main(["--models", "mlp", "--schedules", "every2", "--schedule-strategy", "fast",
+                     "--out", str(tmp_path), "-q"]) == 2

@@ -105,7 +105,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "batched", "lowrank"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_schedule_trajectory_matches_reference(case, strategy):
     kwargs, at = CASES[case]
@@ -116,6 +116,24 @@ def test_schedule_trajectory_matches_reference(case, strategy):
         _assert_same(model, _reference(7, lambda t: True))
 
 
+def test_reuse_perturbation_steps_take_lowrank_fused_path():
+    """Issue 26: a reuse schedule's perturbation steps run on lowrank's fused path (they fell
+    back to the ordinary per-micro-batch path, which needs every g_j, because the fused path
+    did not return the clean gradient the reuse direction is built from)."""
+    model = _model()
+    opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=RHO, micro_batches=M,
+                    strategy="lowrank", model=model, every=3, reuse="looksam", reuse_alpha=0.5,
+                    **SGD)
+    strategy = opt.engine.strategy
+    fused, ordinary = [], []
+    real_fused, real_ascent = strategy._fused, strategy.ascent
+    strategy._fused = lambda *a, **k: fused.append(1) or real_fused(*a, **k)
+    strategy.ascent = lambda *a, **k: ordinary.append(1) or real_ascent(*a, **k)
+    _train(7, model=model, opt=opt)
+    assert len(fused) == 3 and not ordinary   # steps 0, 3, 6; one chunk each
+    _assert_same(model, _reference(7, lambda t: t % 3 == 0, reuse_alpha=0.5))
+
+
 def test_issue_examples_every5_and_late_phase():
     model, _ = _train(7, every=5)
     _assert_same(model, _reference(7, lambda t: t % 5 == 0))
@@ -123,7 +141,7 @@ def test_issue_examples_every5_and_late_phase():
     _assert_same(model, _reference(7, lambda t: t >= 5))
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "batched", "lowrank", "auto"])
 def test_looksam_reuse_matches_reference(strategy):
     model, opt = _train(7, strategy, every=3, reuse="looksam", reuse_alpha=0.5)
     _assert_same(model, _reference(7, lambda t: t % 3 == 0, reuse_alpha=0.5))
@@ -455,3 +473,31 @@ def test_reuse_off_step_whose_base_step_fails_leaves_the_plain_gradient():
     opt.base_optimizer.step = real
     opt.step()                                                     # and it goes on
     assert opt.steps == 2
+
+
+def test_lowrank_reuse_on_a_conv_net_with_explicit_gradients_matches_loop():
+    """The fused clean gradient of parameters lowrank does not factor (a convolution, a
+    BatchNorm affine: explicit per-micro-batch gradients) matches the loop strategy's, whose
+    trajectory is checked against the float64 reference above."""
+    def build():
+        torch.manual_seed(3)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+            torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+
+    def run(strategy):
+        model = build()
+        opt = msam.MSAM(model.parameters(), torch.optim.SGD, rho=RHO, micro_batches=M,
+                        strategy=strategy, model=model, every=2, reuse="looksam", **SGD)
+        for t in range(5):
+            g = torch.Generator().manual_seed(300 + t)
+            batch = torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+            opt.step(lambda b: _loss_of(model, b), batch)
+        return model, opt
+
+    loop, _ = run("loop")
+    low, opt = run("lowrank")
+    assert opt.engine.strategy.lowrank_reason == ""
+    _assert_same(low, loop)
+    for a, b in zip(low.buffers(), loop.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

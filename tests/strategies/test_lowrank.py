@@ -40,8 +40,8 @@ class _Spy(LowRankStrategy):
         super().__init__(**kw)
         self.fused_chunks = 0
 
-    def _fused(self, ctx, idx, groups):
-        out = super()._fused(ctx, idx, groups)
+    def _fused(self, ctx, idx, groups, keep_clean=False):
+        out = super()._fused(ctx, idx, groups, keep_clean)
         self.fused_chunks += 1
         return out
 

@@ -136,9 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "one window of the schedule")
     parser.add_argument("--schedule-m", type=int, default=8, metavar="M",
                         help="micro-batches of the --schedules methods (default 8)")
-    parser.add_argument("--schedule-strategy", default="loop", metavar="S",
-                        help="strategy of the --schedules methods' perturbation steps: loop "
-                             "(default), vmap, batched, lowrank, auto")
+    parser.add_argument("--schedule-strategy", type=_str_list, default=["loop"], metavar="S,..",
+                        help="strategies of the --schedules methods' perturbation steps, each "
+                             "timed: loop (default), vmap, batched, lowrank, auto")
     parser.add_argument("--rho", type=float, default=0.05, help="SAM radius (default 0.05)")
     parser.add_argument("--seed", type=int, default=0, help="model init / data / order seed")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
@@ -204,12 +204,14 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
             return err(f"--{flag} must be >= {1 if flag == 'steps' else 0}")
     if args.m_values and max(args.m_values) > args.batch_size:
         return err(f"--m {max(args.m_values)} exceeds the batch size {args.batch_size}")
-    if args.schedule_strategy not in ("loop", "vmap", "batched", "lowrank", "auto"):
-        return err(f"--schedule-strategy: unknown strategy {args.schedule_strategy!r}; valid: "
+    bad = [s for s in args.schedule_strategy
+           if s not in ("loop", "vmap", "batched", "lowrank", "auto")]
+    if bad or not args.schedule_strategy:
+        return err(f"--schedule-strategy: unknown strategy {(bad or [''])[0]!r}; valid: "
                    "loop, vmap, batched, lowrank, auto")
     try:
-        schedules = parse_schedules(args.schedules or "", args.schedule_m,
-                                    args.schedule_strategy)
+        schedules = [meth for s in dict.fromkeys(args.schedule_strategy)
+                     for meth in parse_schedules(args.schedules or "", args.schedule_m, s)]
     except ValueError as e:
         return err(str(e))
     if schedules and not 1 <= args.schedule_m <= args.batch_size:

@@ -235,7 +235,10 @@ def make_methods(
 ) -> list[Method]:
     """SGD, SAM, then mSAM for every strategy and ``m`` (``loop`` at ``m = 1`` *is* SAM, so it
     is not repeated), then each of ``variants`` (SAM-family rules) for every strategy and
-    ``m``, then the accumulation floors for every ``m > 1``."""
+    ``m`` (a rule without an ascent pass, Momentum-SAM, once: ``m = 1``, loop), then the
+    accumulation floors for every ``m > 1``."""
+    from msam.core.registry import RULES
+
     out = [Method("sgd"), Method("sam", 1, "loop")]
     for s in strategies:
         for m in m_values:
@@ -243,6 +246,11 @@ def make_methods(
                 continue
             out.append(Method("msam", m, s))
     for v in variants:
+        if not getattr(RULES.get(v), "ascent", True):
+            # One pass at w + e, e from the optimizer's state (Momentum-SAM): one direction for
+            # the whole batch, so m = 1, and no per-micro-batch work for a strategy to share.
+            out.append(Method("variant", 1, "loop", rule=v))
+            continue
         out.extend(Method("variant", m, s, rule=v) for s in strategies for m in m_values)
     if accum:
         out.extend(Method("accum", m) for m in m_values if m > 1)

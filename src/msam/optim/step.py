@@ -234,11 +234,13 @@ class Step:
         """split -> g_j -> e_j -> h_j -> sum_j (n_j / n) h_j into ``.grad``; the mean L(w)."""
         rule, flags = self.rule, ctx.flags
         total = torch.zeros((), dtype=torch.float64, device=ctx.params[0].device)
-        fused = active and not self.keep_clean and strategy.fused_sam
+        fused = active and strategy.fused_sam
         for idx in strategy.chunks(ctx):
-            out = strategy.sam_chunk(ctx, idx, rule, groups) if fused else None
+            out = strategy.sam_chunk(ctx, idx, rule, groups, self.keep_clean) if fused else None
             if out is not None:  # the strategy ran ascent, rule and descent itself
-                losses, norms, losses_p = out
+                losses, norms, losses_p, clean = out
+                if clean is not None:   # its sum_j (n_j / n) g_j over the chunk
+                    self._observe(clean, 1.0)
                 flags.check_all(losses, "ascent", idx, "loss")
                 flags.check_all(norms, "ascent", idx, "gradient")
             elif not active:  # rho = 0 or an off-step: h_j = g_j, one pass at w
@@ -293,7 +295,7 @@ class Step:
         write ``e_j`` into ``g_j`` (it may not where the clean gradient holds ``g_j`` itself)."""
         if not self.keep_clean:
             return True
-        if self.clean is None and c == 1.0:  # one micro-batch: keep g itself, no copy
+        if self.clean is None and c == 1.0:  # one micro-batch / a fused sum: keep g, no copy
             self.clean = list(g)
             return False
         if self.clean is None:

@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 Offsets = list[torch.Tensor | None]
+#: What a fused strategy returns for a chunk: the losses at ``w``, the norms, the losses at
+#: ``w + e_j`` and the chunk's clean gradient (or ``None``); see :meth:`Strategy.sam_chunk`.
+FusedChunk = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], Offsets | None]
 
 
 @dataclass
@@ -105,12 +108,14 @@ class Strategy:
     #: (the ``lowrank`` strategy, which never forms ``g_j``; see docs/core.md).
     fused_sam = False
 
-    def sam_chunk(self, ctx: StepContext, idx: list[int], rule: Any, groups: Any
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None:
+    def sam_chunk(self, ctx: StepContext, idx: list[int], rule: Any, groups: Any,
+                  clean: bool = False) -> FusedChunk | None:
         """(``fused_sam``) Add ``coef * sum_j (n_j / n) h_j`` of chunk ``idx`` to ``p.grad``
         with ``e_j`` from ``rule``, and return the losses ``L_j(w)``, the norms the rule
-        normalised by and the losses ``L_j(w + e_j)``; or ``None`` (nothing done) to leave the
-        chunk to the ordinary ascent -> rule -> descent path."""
+        normalised by, the losses ``L_j(w + e_j)`` and, with ``clean``, the chunk's clean
+        gradient ``sum_j weight (n_j / n) g_j`` over ``ctx.pert_params`` (else ``None``); or
+        ``None`` (nothing done) to leave the chunk to the ordinary ascent -> rule -> descent
+        path."""
         return None
 
     def chunks(self, ctx: StepContext) -> list[list[int]]:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from msam.core.batch import batch_size
 from msam.core.perturbation import EPS, PerturbationRule, SAMRule
-from msam.strategies.base import StepContext, check_loss, fresh_autocast
+from msam.strategies.base import FusedChunk, StepContext, check_loss, fresh_autocast
 from msam.strategies.batched import BatchedStrategy
 from msam.strategies.compiled import eager
 from msam.strategies.grouped import (
@@ -237,12 +237,14 @@ class LowRankStrategy(BatchedStrategy):
         self._no_factor[key] = self.lowrank_reason = reason
 
     def sam_chunk(self, ctx: StepContext, idx: list[int], rule: PerturbationRule,
-                  groups: Sequence[Mapping[str, Any]]
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None:
+                  groups: Sequence[Mapping[str, Any]], clean: bool = False
+                  ) -> FusedChunk | None:
         """Ascent, SAM rule and descent of chunk ``idx`` (added into ``p.grad`` as
-        :meth:`descent` does): the losses at ``w``, the norms ``||g_j||`` and the losses at
-        ``w + e_j``; ``None`` where the factored path does not apply (nothing was changed:
-        the engine then takes the ordinary path)."""
+        :meth:`descent` does): the losses at ``w``, the norms ``||g_j||``, the losses at
+        ``w + e_j`` and, with ``clean`` (a reuse schedule), ``sum_j weight (n_j / n) g_j`` per
+        perturbed parameter (a factored weight's is ``sum_j c_j D_j^T X_j``, one matmul);
+        ``None`` where the factored path does not apply (nothing was changed: the engine then
+        takes the ordinary path)."""
         if type(rule) is not SAMRule:
             self._no(ctx, ("rule", rule.name), f"rule {rule.name!r}: only the plain SAM rule "
                      f"has a low-rank perturbation")
@@ -255,7 +257,7 @@ class LowRankStrategy(BatchedStrategy):
             return None
         try:
             self._check_contract(ctx, idx)
-            out = self._fused(ctx, idx, groups)
+            out = self._fused(ctx, idx, groups, clean)
         except Unbatchable as err:
             if isinstance(err.__cause__, _Contract):
                 self._fail(ctx, str(err), err)
@@ -271,8 +273,8 @@ class LowRankStrategy(BatchedStrategy):
         except Unbatchable as err:  # the loss contract: batched cannot run it either
             raise Unbatchable(str(err)) from _Contract()
 
-    def _fused(self, ctx: StepContext, idx: list[int], groups: Sequence[Mapping[str, Any]]
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    def _fused(self, ctx: StepContext, idx: list[int], groups: Sequence[Mapping[str, Any]],
+               keep_clean: bool = False) -> FusedChunk:
         model = ctx.model
         assert model is not None
         k = len(idx)
@@ -352,6 +354,7 @@ class LowRankStrategy(BatchedStrategy):
                 if g is not None:
                     c = coef(i, g.dtype).reshape((k,) + (1,) * (g.dim() - 1))
                     offsets[i] = g * c
+            clean = self._clean(ctx, idx, layers, g_exp, col) if keep_clean else None
 
         # -- descent: one full-batch pass at w + e_j
         dparams: dict[int, GroupedParam] = {}
@@ -376,7 +379,34 @@ class LowRankStrategy(BatchedStrategy):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad.add_(g)
         loss, loss_p = loss.detach(), loss_p.detach()
-        return [loss] * k, list(norm.unbind(0)), [loss_p] * k
+        return [loss] * k, list(norm.unbind(0)), [loss_p] * k, clean
+
+    @staticmethod
+    def _clean(ctx: StepContext, idx: list[int], layers: dict[int, _Layer],
+               g_exp: Mapping[int, torch.Tensor | None], col: Mapping[int, int]
+               ) -> list[torch.Tensor | None]:
+        """``sum_j weight (n_j / n) g_j`` of the chunk per perturbed parameter (the order of
+        ``ctx.pert_params``): ``D^T X`` with the rows of micro-batch ``j`` scaled by its
+        weight for a factored weight, ``sum_j c_j 1^T D_j`` for its bias, the weighted sum of
+        the stacked explicit gradients for the rest."""
+        c = torch.tensor([ctx.grad_weight * ctx.micro_batches[j][1] for j in idx],
+                         dtype=torch.float64, device=ctx.params[0].device)
+        out: list[torch.Tensor | None] = [None] * len(col)
+        for layer in layers.values():
+            if layer.d is None:
+                continue
+            w = ctx.params[next(i for i, p in enumerate(ctx.params) if id(p) == layer.w)]
+            dd = layer.d * c.to(layer.d.dtype).view(-1, 1, 1)
+            g = dd.flatten(0, 1).t() @ layer.x.flatten(0, 1).to(dd.dtype)
+            out[col[layer.w]] = g.to(w.dtype).reshape(w.shape)
+            if layer.b is not None and layer.db is not None:
+                b = next(p for p in ctx.params if id(p) == layer.b)
+                out[col[layer.b]] = (c.to(layer.db.dtype) @ layer.db).to(b.dtype)
+        for i, gi in g_exp.items():
+            if gi is not None:
+                cg = c.to(gi.dtype).reshape((-1,) + (1,) * (gi.dim() - 1))
+                out[col[id(ctx.params[i])]] = (gi * cg).sum(0)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "chunk": self.chunk}
