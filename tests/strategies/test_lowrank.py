@@ -349,3 +349,33 @@ def test_state_dict_and_name():
     sd = opt.state_dict()
     assert sd["msam"]["strategy"] == {"name": "lowrank", "chunk": 2}
     assert opt.engine.strategy_name == "lowrank"
+
+
+def test_fp16_autocast_with_grad_scaler_and_small_gradients_does_not_skip():
+    """The factored output gradients D are kept unscaled; in fp16 small entries underflowed,
+    ||g_j|| became 0, e_j overflowed and every step was skipped (4 of 6 here, the loss scale
+    falling) while the loop strategy skipped none. D is now kept in fp32 under fp16, and
+    c_j D_j is formed before any cast."""
+    torch.set_default_dtype(torch.float32)   # the module's float64 fixture restores it after
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                             nn.Linear(32, 3))
+
+    finals = {}
+    for strategy in ("loop", "lowrank"):
+        m = model()
+        opt = msam.MSAM(m.parameters(), torch.optim.SGD, rho=0.1, micro_batches=4, lr=0.1,
+                        strategy=strategy, model=m)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        for t in range(6):
+            g = torch.Generator().manual_seed(200 + t)
+            batch = torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)
+            with torch.autocast("cpu", dtype=torch.float16):
+                opt.step(lambda b: F.cross_entropy(m(b[0]), b[1]) * 1e-4, batch, scaler=scaler)
+            scaler.update()
+        assert opt.skipped_steps == 0, strategy
+        assert scaler.get_scale() == 2.0 ** 16
+        finals[strategy] = torch.cat([p.detach().flatten() for p in m.parameters()])
+    torch.testing.assert_close(finals["lowrank"], finals["loop"], rtol=1e-3, atol=1e-5)

@@ -73,15 +73,16 @@ class _Layer:
     """One factored ``Linear`` call: its ascent inputs ``X``, output gradients ``D`` and, for
     the descent, the per-micro-batch coefficients."""
 
-    __slots__ = ("w", "b", "x", "d", "cw", "cb", "db")
+    __slots__ = ("w", "b", "x", "d", "cw", "cb", "db", "cd")
 
     def __init__(self, w: int, b: int | None, x: torch.Tensor) -> None:
         self.w, self.b = w, b
         self.x = x                        # (k, r, d_in), detached
-        self.d: torch.Tensor | None = None     # (k, r, d_out), unscaled
+        self.d: torch.Tensor | None = None     # (k, r, d_out), unscaled (fp16: kept in fp32)
         self.cw: torch.Tensor | None = None    # (k,): c_j for W (None: W not moved)
         self.cb: torch.Tensor | None = None    # (k,): c_j for b
         self.db: torch.Tensor | None = None    # (k, d_out): 1^T D_j
+        self.cd: torch.Tensor | None = None    # (k, r, d_out): c_j D_j, formed before the cast
 
 
 class _FactAscent(torch.autograd.Function):
@@ -101,6 +102,8 @@ class _FactAscent(torch.autograd.Function):
         (w,) = ctx.saved_tensors
         layer = ctx.layer
         d = gy.reshape(layer.x.shape[0], layer.x.shape[1], gy.shape[-1])
+        if d.dtype == torch.float16:  # unscaled, small entries would underflow in fp16
+            d = d.float()
         d = d / ctx.unscale if ctx.unscale is not None else d.clone()
         layer.d = d if layer.d is None else layer.d + d
         gx = (gy @ w.to(gy.dtype)) if ctx.needs_input_grad[0] else None
@@ -118,13 +121,12 @@ class _FactDescent(torch.autograd.Function):
         y = F.linear(x, w, b)
         k, r = layer.x.shape[0], layer.x.shape[1]
         yg = y.view(k, r, y.shape[-1])
-        if layer.cw is not None and layer.d is not None:
+        if layer.cd is not None:
             xs = x.reshape(k, r, x.shape[-1])
             a = torch.bmm(xs, layer.x.transpose(1, 2))          # X'_j X_j^T
-            a.mul_(layer.cw.to(a.dtype).view(k, 1, 1))
-            yg.baddbmm_(a, layer.d.to(a.dtype))
+            yg.baddbmm_(a, layer.cd.to(a.dtype))                # + c_j X'_j X_j^T D_j
         if layer.cb is not None and layer.db is not None:
-            yg.add_((layer.cb.to(y.dtype).view(k, 1) * layer.db.to(y.dtype)).unsqueeze(1))
+            yg.add_((layer.cb.to(layer.db.dtype).view(k, 1) * layer.db).to(y.dtype).unsqueeze(1))
         return y
 
     @staticmethod
@@ -134,11 +136,10 @@ class _FactDescent(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = gy @ w.to(gy.dtype)
-            if layer.cw is not None and layer.d is not None:
+            if layer.cd is not None:
                 k, r = layer.x.shape[0], layer.x.shape[1]
                 gys = gy.reshape(k, r, gy.shape[-1])
-                a = torch.bmm(gys, layer.d.to(gy.dtype).transpose(1, 2))   # D'_j D_j^T
-                a.mul_(layer.cw.to(a.dtype).view(k, 1, 1))
+                a = torch.bmm(gys, layer.cd.to(gy.dtype).transpose(1, 2))  # c_j D'_j D_j^T
                 gx.view(k, r, gx.shape[-1]).baddbmm_(a, layer.x.to(a.dtype))
             gx = gx.to(x.dtype)
         g2 = gy.reshape(-1, gy.shape[-1])
@@ -346,6 +347,8 @@ class LowRankStrategy(BatchedStrategy):
                     continue
                 iw = index[layer.w]
                 layer.cw = coef(iw, ctx.params[iw].dtype)
+                # c_j D_j in D's dtype (fp32 under fp16): D is unscaled, c_j large
+                layer.cd = layer.d * coef(iw, layer.d.dtype).view(-1, 1, 1)
                 if layer.b is not None:
                     ib = index[layer.b]
                     layer.cb = coef(ib, ctx.params[ib].dtype)
