@@ -111,7 +111,7 @@ def table(model: str, bench_dir: Path) -> list[str]:
              "| method | seeds | test acc % (mean +/- std) | gain kept | x SGD, loop | "
              "x SGD, best strategy | meets goal (>= 80% at <= 1.3x) |",
              "|---|---:|---:|---:|---:|---|:-:|"]
-    for label, study, _, loop_key, best_key in spec:
+    for label, _study, _, loop_key, best_key in spec:
         a = accs[label]
         if not a:
             lines.append(f"| {label} | 0 | not run yet | | | | |")

@@ -74,8 +74,9 @@ def stage1(study: str) -> list[str]:
             selected[(norm, meth)] = best
             for r in runs:
                 b = "**" if r is best and meth != "SGD" else ""
-                out.append(f"| {meth} | {b}{r['rho'] or '-'}{b} | {b}{100 * float(r['val_acc']):.1f}"
-                           f"{b} | {100 * float(r['test_acc']):.2f} | "
+                val = 100 * float(r["val_acc"])
+                out.append(f"| {meth} | {b}{r['rho'] or '-'}{b} | {b}{val:.1f}{b} | "
+                           f"{100 * float(r['test_acc']):.2f} | "
                            f"{float(r['train_loss']):.3f} | {r['machine']} |")
         out.append("")
     out += ["## Selected cells", "", "| norm | method | rho | rho x sqrt(m) | at a grid edge |",
@@ -123,7 +124,8 @@ def stage2(study: str) -> list[str]:
         runs = cells[key]
         out.append(
             f"| {key[0]} | {key[1]} | {key[2]} | {len(runs)} | "
-            f"{_mean_sd(col(runs, 'test_acc'), 100)} | {_mean_sd(col(runs, 'train_loss'), 1, '.3f')} | "
+            f"{_mean_sd(col(runs, 'test_acc'), 100)} | "
+            f"{_mean_sd(col(runs, 'train_loss'), 1, '.3f')} | "
             f"{_mean_sd(col(runs, 'sharpness.lambda_max'), 1, '.1f')} | "
             f"{_mean_sd(col(runs, 'sharpness.trace'), 1, '.0f')} | "
             f"{_mean_sd(col(runs, 'sharpness.trace_se'), 1, '.0f')} | "

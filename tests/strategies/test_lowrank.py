@@ -373,7 +373,8 @@ def test_fp16_autocast_with_grad_scaler_and_small_gradients_does_not_skip():
             g = torch.Generator().manual_seed(200 + t)
             batch = torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)
             with torch.autocast("cpu", dtype=torch.float16):
-                opt.step(lambda b: F.cross_entropy(m(b[0]), b[1]) * 1e-4, batch, scaler=scaler)
+                opt.step(lambda b, m=m: F.cross_entropy(m(b[0]), b[1]) * 1e-4, batch,
+                         scaler=scaler)
             scaler.update()
         assert opt.skipped_steps == 0, strategy
         assert scaler.get_scale() == 2.0 ** 16
