@@ -8,6 +8,12 @@ with ``reuse="looksam"`` the gradient also gets ``alpha ||g|| / ||g_v|| g_v`` ad
 optimizer takes one perturbation step first (so ``g_v`` exists), then every timed step is an
 off-step (``every`` larger than the run). Per round every configuration takes one step, in a
 shuffled order; the figure is the median over rounds of the per-round ratio to SGD's step.
+
+``--window 5`` also times whole windows of ``every=5, reuse="looksam"`` (one perturbation step
+and four reuse off-steps, per step), and ``--strategy lowrank`` runs the perturbation steps on
+that strategy: before/after figures for a change to the perturbation step of a reuse schedule,
+e.g. ``python benchmarks/offstep.py --before /tmp/pkgs --models mlp --strategy lowrank
+--window 5``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--m", type=int, default=4)
+    ap.add_argument("--strategy", default="loop", help="strategy of the perturbation steps")
+    ap.add_argument("--window", type=int, default=0,
+                    help="also time windows of every=K with LookSAM reuse (K >= 2)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import msam
@@ -41,7 +50,7 @@ def main() -> None:
         sys.path.insert(0, str(args.before))
         libs.insert(0, ("before", importlib.import_module("msam_before")))
     print(f"torch {torch.__version__}, {args.threads} thread(s), m = {args.m} on perturbation "
-          f"steps, {args.rounds} rounds; x SGD = median of per-round ratios")
+          f"steps ({args.strategy}), {args.rounds} rounds; x SGD = median of per-round ratios")
     print("| model | off-step | version | ms | x SGD |")
     print("|---|---|---|---:|---:|")
     for name in args.models.split(","):
@@ -58,13 +67,23 @@ def main() -> None:
             for kind, reuse in (("plain", None), ("reuse", "looksam")):
                 opt = lib.MSAM(wl.model.parameters(), torch.optim.SGD, rho=0.05,
                                micro_batches=args.m, lr=1e-3, momentum=0.9, model=wl.model,
-                               every=10 ** 9, reuse=reuse)
+                               every=10 ** 9, reuse=reuse, strategy=args.strategy)
                 opt.step(wl.loss_fn, wl.batch)   # the perturbation step (makes g_v)
 
                 def step(opt=opt, wl=wl):
                     opt.step(wl.loss_fn, wl.batch)
 
                 runs[(kind, tag)] = step
+            if args.window >= 2:
+                opt = lib.MSAM(wl.model.parameters(), torch.optim.SGD, rho=0.05,
+                               micro_batches=args.m, lr=1e-3, momentum=0.9, model=wl.model,
+                               every=args.window, reuse="looksam", strategy=args.strategy)
+
+                def window(opt=opt, wl=wl, k=args.window):
+                    for _ in range(k):
+                        opt.step(wl.loss_fn, wl.batch)
+
+                runs[(f"looksam{args.window} window, per step", tag)] = window
         times: dict = {k: [] for k in runs}
         keys = list(runs)
         for r in range(args.rounds + 2):
@@ -76,6 +95,8 @@ def main() -> None:
                     times[k].append(time.perf_counter() - t0)
         base = times[("sgd", "-")]
         for k in runs:
+            per = args.window if k[0].startswith("looksam") else 1
+            times[k] = [t / per for t in times[k]]
             ratio = statistics.median(a / b for a, b in zip(times[k], base))
             print(f"| {name} | {k[0]} | {k[1]} | {1e3 * statistics.median(times[k]):.2f} | "
                   f"{ratio:.3f} |", flush=True)

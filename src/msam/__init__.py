@@ -11,6 +11,7 @@ References:
 from msam.core.batchnorm import BatchNormPolicy
 from msam.core.nonfinite import NonFiniteLossError
 from msam.core.perturbation import ASAMRule, PerturbationRule, SAMRule
+from msam.core.radius import rho_for_m
 from msam.core.registry import RULES, register_rule
 from msam.core.schedule import Schedule
 from msam.optim import (
@@ -30,4 +31,5 @@ __all__ = [
     "ASAM", "MSAM", "SAM", "ASAMRule", "BatchNormPolicy", "GradientEngine", "GradientResult",
     "NonFiniteLossError", "NotCompiledWarning", "PerturbationRule", "RULES", "SAMRule",
     "Schedule", "__version__", "msam_gradient", "normalization_parameters", "register_rule",
+    "rho_for_m",
 ]

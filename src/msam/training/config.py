@@ -264,6 +264,9 @@ class TrainConfig(_Schema):
     micro_batch_chunk: _opt(Int, ge=1) = _f(
         None, "batched strategy: micro-batches per batched pass (bounds memory; null: all)")
     eta: Float = _f(0.01, "ASAM offset", gt=0, le=F32_MAX)
+    rho_scaling: _choice("none", "sqrt_m") = _f(
+        "none", "none: rho is each micro-batch's radius; sqrt_m: rho is SAM's (m = 1) radius "
+                "and each micro-batch gets rho / sqrt(m) (msam.rho_for_m, docs/choosing_rho.md)")
     perturb: _choice("all", "norm") = _f(
         "all", "parameters perturbed: all, or only the normalisation layers' (SAM-ON, Mueller "
                "et al. 2023; the others still get the averaged gradient); ignored by sgd")

@@ -70,7 +70,7 @@ __all__ = ["StudyRun", "export_study", "expand_grid", "load_runs", "run_study", 
 # Keys a method does not use: they are dropped from its grid (and its run names).
 IGNORED_BY = {
     "sgd": {"rho", "micro_batches", "eta", "strategy", "every", "start_fraction", "start_epoch",
-            "reuse", "reuse_alpha", "perturb"},
+            "reuse", "reuse_alpha", "perturb", "rho_scaling"},
     "sam": {"micro_batches", "eta"},
     "msam": {"eta"},
     "asam": set(),

@@ -278,15 +278,21 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module,
     if cfg.optimizer == "gsam" and cfg.gsam_rho_min is not None:
         # GSAM's schedule: rho_t linear in lr_t, rho_min at min_lr up to rho at the peak lr.
         for group in opt.param_groups:
-            group.update(rho_max=cfg.rho, rho_min=cfg.gsam_rho_min, lr_max=cfg.lr,
+            group.update(rho_max=effective_rho(cfg), rho_min=cfg.gsam_rho_min, lr_max=cfg.lr,
                          lr_min=cfg.min_lr)
     return opt
+
+
+def effective_rho(cfg: TrainConfig) -> float:
+    """Each micro-batch's radius: ``rho``, or with ``rho_scaling: sqrt_m`` ``rho / sqrt(m)``."""
+    m = 1 if cfg.optimizer in ("sam", "momentumsam") else cfg.micro_batches
+    return msam.rho_for_m(cfg.rho, m) if cfg.rho_scaling == "sqrt_m" else cfg.rho
 
 
 def _msam(cfg: TrainConfig, model: nn.Module, params: list, base_cls: Any,
           kwargs: dict[str, Any], steps_per_epoch: int | None, perturb: Any) -> msam.MSAM:
     return msam.MSAM(
-        params, base_cls, rho=cfg.rho,
+        params, base_cls, rho=effective_rho(cfg),
         micro_batches=1 if cfg.optimizer == "sam" else cfg.micro_batches,
         adaptive=cfg.optimizer == "asam", eta=cfg.eta, model=model,
         strategy=msam.strategies.STRATEGIES[cfg.strategy](chunk=cfg.micro_batch_chunk)
@@ -855,7 +861,10 @@ def _write_start_files(run: _Run, resumed: bool) -> None:
     if not resumed:
         sched = getattr(run.opt, "schedule", None)
         sched_text = "" if sched is None or sched.trivial else f" {sched!r}"
-        run.log(f"{cfg.optimizer} ({cfg.base}) rho={cfg.rho} m={cfg.micro_batches}{sched_text} "
+        scaled = "" if cfg.rho_scaling == "none" else \
+            f" (per micro-batch {effective_rho(cfg):.4g})"
+        run.log(f"{cfg.optimizer} ({cfg.base}) rho={cfg.rho}{scaled} m={cfg.micro_batches}"
+                f"{sched_text} "
                 f"on {cfg.dataset} ({info['sizes']['train']} train) with {cfg.model} "
                 f"({info['parameters']:,} params), {cfg.epochs} epochs x "
                 f"{run.steps_per_epoch} steps, {run.device}")
