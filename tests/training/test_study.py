@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,13 @@ def test_study_runs_summarises_and_resumes(tmp_path, monkeypatch, capsys):
     assert (dest / "runs" / "sgd_s0" / "metrics.csv").is_file()
     assert (dest / "runs" / "sgd_s0" / "done.json").is_file()
     assert not list(dest.rglob("*.pt"))
+    # The exported run records are enough to resume the study on another machine: copied into
+    # a fresh out_dir, every finished run is skipped (train still raises), same summary.
+    fresh = tmp_path / "elsewhere"
+    shutil.copytree(dest / "runs", fresh / "runs")
+    run_study(_study(tmp_path, [f"out_dir={fresh}"]), quiet=True)
+    assert (fresh / "runs.csv").read_text().replace(str(fresh), str(root)) == \
+        (root / "runs.csv").read_text()
     with pytest.raises(FileNotFoundError, match="no summary.md"):
         study_mod.export_study(tmp_path / "nothing", tmp_path / "x")
 

@@ -384,7 +384,8 @@ def _missing_data(runs: list[StudyRun]) -> Exception | None:
 
 #: What :func:`export_study` copies: study-level files, then per-run files (no checkpoints).
 EXPORT_FILES = ("summary.md", "runs.csv", "study.yaml", "command.txt", "*.png")
-EXPORT_RUN_FILES = ("config.yaml", "metrics.csv", "done.json", "sharpness.json", "error.txt")
+EXPORT_RUN_FILES = ("config.yaml", "config.json", "run_info.json", "metrics.csv", "metrics.jsonl",
+                    "done.json", "sharpness.json", "error.txt")
 
 
 def export_study(root: str | Path, dest: str | Path) -> Path:
