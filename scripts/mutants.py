@@ -93,6 +93,14 @@ MUTANTS = {
                              "nothing else was written.\"\"\"\n        if False:",
                              ["tests/optim/test_schedules.py::test_reuse_off_step_whose_base_step_"
                               "fails_leaves_the_plain_gradient"]),
+    # lowrank's fused clean gradient (issue 26): a weight per micro-batch dropped / the fp16 D
+    "lowrank_clean_unweighted": ("strategies/lowrank.py",
+                                 "dd = layer.d * c.to(layer.d.dtype).view(-1, 1, 1)",
+                                 "dd = layer.d", ["tests/optim/test_schedules.py"]),
+    "lowrank_fp16_d": ("strategies/lowrank.py",
+                       "        if d.dtype == torch.float16:  # unscaled, small entries would "
+                       "underflow in fp16\n            d = d.float()\n", "",
+                       ["tests/strategies/test_lowrank.py"]),
 }
 
 
