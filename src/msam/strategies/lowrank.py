@@ -395,15 +395,16 @@ class LowRankStrategy(BatchedStrategy):
         c = torch.tensor([ctx.grad_weight * ctx.micro_batches[j][1] for j in idx],
                          dtype=torch.float64, device=ctx.params[0].device)
         out: list[torch.Tensor | None] = [None] * len(col)
+        by_id = {id(p): p for p in ctx.params}
         for layer in layers.values():
             if layer.d is None:
                 continue
-            w = ctx.params[next(i for i, p in enumerate(ctx.params) if id(p) == layer.w)]
+            w = by_id[layer.w]
             dd = layer.d * c.to(layer.d.dtype).view(-1, 1, 1)
             g = dd.flatten(0, 1).t() @ layer.x.flatten(0, 1).to(dd.dtype)
             out[col[layer.w]] = g.to(w.dtype).reshape(w.shape)
             if layer.b is not None and layer.db is not None:
-                b = next(p for p in ctx.params if id(p) == layer.b)
+                b = by_id[layer.b]
                 out[col[layer.b]] = (c.to(layer.db.dtype) @ layer.db).to(b.dtype)
         for i, gi in g_exp.items():
             if gi is not None:
