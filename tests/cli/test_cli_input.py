@@ -254,3 +254,13 @@ def test_study_override_shadowed_by_a_grid_axis_is_refused(tmp_path, capsys):
     assert "key 'seed' is also a grid axis (grid.seed)" in err
     assert main(["study", str(path), "--set", "grid.micro_batches=[4]", "--dry-run"]) == 0
     assert "m=4" in capsys.readouterr().out
+
+
+def test_study_summarize_only_errors_are_usage_errors(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(_config(tmp_path).read_text() + "grid:\n  optimizer: [sgd, msam]\n")
+    err = _usage_error(capsys, ["study", str(path), "--out", str(tmp_path / "none"),
+                                "--summarize-only"])
+    assert "out_dir" in err and "no study to summarise" in err
+    err = _usage_error(capsys, ["study", str(path), "--summarize-only", "--dry-run"])
+    assert "--dry-run" in err

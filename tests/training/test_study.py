@@ -371,3 +371,30 @@ def test_plotting_lives_in_one_module():
     assert users == ["plotting.py"]
     text = (src / "plotting.py").read_text()
     assert "matplotlib.pyplot" not in text and "matplotlib.use(" not in text
+
+
+def test_summarize_only_summarises_a_partly_run_grid_without_training(tmp_path, capsys):
+    """A grid extended cell by cell with --set overrides: --summarize-only writes the full
+    grid's summary from what is finished, lists the rest as pending and trains nothing."""
+    root = run_study(_study(tmp_path, ["grid.optimizer=[sgd]", "plots=false"]), quiet=True,
+                     command="msam study part")
+    before = sorted(p.name for p in (root / "runs").iterdir())
+    assert before == ["sgd_s0", "sgd_s1"]
+    capsys.readouterr()
+    run_study(_study(tmp_path, ["plots=false"]), summarize_only=True, command="msam study all")
+    out = capsys.readouterr().out
+    assert "2 of 6 runs finished (nothing trained)" in out
+    assert sorted(p.name for p in (root / "runs").iterdir()) == before  # nothing started
+    with open(root / "runs.csv") as f:
+        status = {r["run"]: r["status"] for r in csv.DictReader(f)}
+    assert status == {"sgd_s0": "done", "sgd_s1": "done", "sam_rho0.05_s0": "pending",
+                      "sam_rho0.05_s1": "pending", "msam_rho0.05_m2_s0": "pending",
+                      "msam_rho0.05_m2_s1": "pending"}
+    assert "| sgd | – | – | 2 |" in (root / "summary.md").read_text()
+    assert (root / "command.txt").read_text() == "msam study part\n"  # the training command
+
+
+def test_summarize_only_without_a_study_is_a_named_error(tmp_path):
+    with pytest.raises(ConfigError, match="out_dir"):
+        run_study(_study(tmp_path), summarize_only=True)
+    assert not (tmp_path / "out").exists()

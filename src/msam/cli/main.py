@@ -95,6 +95,9 @@ def build_parser(plugin_name: str | None = None, plugin: ModuleType | None = Non
     p.add_argument("config", help="study config (.yaml, .toml or .json) with a grid")
     _add_overrides(p)
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="train nothing: summarise the runs finished so far (the others are "
+                        "listed as pending), e.g. after running part of the grid with --set")
     p.add_argument("--export", metavar="DIR", default=None,
                    help="afterwards, copy the summary, CSV, plots, configs and each run's "
                         "metrics (no checkpoints) into DIR, e.g. results/<study>")
@@ -175,12 +178,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from msam.training import load_study_config
+    from msam.training import ConfigError, load_study_config
     from msam.training.study import run_study
 
     study = load_study_config(args.config, [*args.overrides, *_direct_overrides(args)])
+    if args.dry_run and args.summarize_only:
+        raise ConfigError("--dry-run and --summarize-only contradict each other; pass one")
     root = run_study(study, quiet=args.quiet, dry_run=args.dry_run,
-                     command=" ".join(["msam", *map(shlex.quote, sys.argv[1:])]))
+                     summarize_only=args.summarize_only, command=" ".join(["msam", *map(shlex.quote, sys.argv[1:])]))
     if args.export and not args.dry_run:
         from msam.training.study import export_study
 

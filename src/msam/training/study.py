@@ -311,13 +311,16 @@ def run_study(
     *,
     quiet: bool = False,
     dry_run: bool = False,
+    summarize_only: bool = False,
     printer: Callable[[str], None] = print,
     command: str | None = None,
 ) -> Path:
     """Run (or resume) every run of ``study`` and write the summary; returns the study dir.
 
     ``command``: the command line that runs this study, recorded in ``command.txt`` and in the
-    summary's "Reproduce" section.
+    summary's "Reproduce" section. ``summarize_only``: train and measure nothing; summarise
+    the runs finished so far (the others are listed as pending) and keep ``command.txt``, e.g.
+    after part of the grid was run with ``--set`` overrides.
     """
     root = Path(study.train.out_dir)
     runs = expand_grid(study)
@@ -328,6 +331,8 @@ def run_study(
         if missing is not None:
             printer(f"WARNING: the study cannot run as it is: {missing}")
         return root
+    if summarize_only:
+        return _summarize_finished(study, runs, root, printer)
     if missing is not None:
         raise missing
     root.mkdir(parents=True, exist_ok=True)
@@ -366,6 +371,31 @@ def run_study(
     failed = [r for r in runs if r.status == "failed"]
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(r.name for r in failed)}")
+    return root
+
+
+def _summarize_finished(study: StudyConfig, runs: list[StudyRun], root: Path,
+                        printer: Callable[[str], None]) -> Path:
+    """The summary of the finished runs of ``runs``; nothing is trained or measured."""
+    if not root.is_dir():
+        raise ConfigError(f"config: key 'out_dir': {root} holds no study to summarise")
+    for run in runs:
+        run_dir = Path(run.config.out_dir)
+        if (run_dir / "done.json").is_file():
+            _check_matches(run, read_done(run_dir)["config"])  # another config's run: named
+            if is_finished(run_dir, run.config):
+                run.result = RunResult.from_dir(run_dir)
+                run.status = "done"
+    _write_study_config(root, study)
+    summary = summarize(study, runs, root)
+    done = sum(r.status == "done" for r in runs)
+    printer(summary["table"])
+    printer("")
+    printer(f"study {study.name!r}: {done} of {len(runs)} runs finished (nothing trained) "
+            f"-> {root}")
+    printer(f"summary: {summary['summary_path']}")
+    for p in summary["plots"]:
+        printer(f"plot: {p}")
     return root
 
 
