@@ -89,7 +89,30 @@ def stage1(study: str) -> list[str]:
         m = int(best["micro_batches"] or 1) if meth.startswith("mSAM") else 1
         edge = "lowest" if rho == rhos[0] else "highest" if rho == rhos[-1] else ""
         out.append(f"| {norm} | {meth} | {rho:g} | {rho * math.sqrt(m):.3g} | {edge} |")
-    return out + [""]
+    return out + [""] + _strength(cells)
+
+
+def _strength(cells: dict[tuple[str, str], list[dict[str, str]]]) -> list[str]:
+    """Final training loss of SAM, mSAM m = 4 and m = 16 at each rho: how strongly a radius
+    acts with each m. If mSAM at rho acts like SAM at rho x sqrt(m), the m = 4 column at rho
+    matches the SAM column at 2 rho, and m = 16 matches SAM at 4 rho."""
+    meths = ["SAM", "mSAM m=4", "mSAM m=16"]
+    out = ["## How strongly a radius acts, by m", "",
+           "Final training loss at each rho (seed 0). If mSAM at rho acts like SAM at "
+           "rho x sqrt(m) (the rule of docs/choosing_rho.md), m = 4 at rho matches SAM at "
+           "2 rho and m = 16 matches SAM at 4 rho; if m does not change a radius's strength, "
+           "the three columns match row by row.", ""]
+    for norm in ("batch", "group"):
+        by = {meth: {float(r["rho"]): float(r["train_loss"]) for r in cells.get((norm, meth), [])}
+              for meth in meths}
+        rhos = sorted(set().union(*(set(v) for v in by.values())))
+        out += [f"**{'BatchNorm' if norm == 'batch' else 'GroupNorm'}**", "",
+                "| rho | SAM | mSAM m = 4 | mSAM m = 16 |", "|---:|---:|---:|---:|"]
+        for rho in rhos:
+            vals = [f"{by[m][rho]:.3f}" if rho in by[m] else "-" for m in meths]
+            out.append(f"| {rho:g} | " + " | ".join(vals) + " |")
+        out.append("")
+    return out
 
 
 def _mean_sd(xs: list[float], scale: float = 1.0, fmt: str = ".2f") -> str:
