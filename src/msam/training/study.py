@@ -332,7 +332,7 @@ def run_study(
             printer(f"WARNING: the study cannot run as it is: {missing}")
         return root
     if summarize_only:
-        return _summarize_finished(study, runs, root, printer)
+        return _summarize_finished(study, root, printer)
     if missing is not None:
         raise missing
     root.mkdir(parents=True, exist_ok=True)
@@ -374,18 +374,12 @@ def run_study(
     return root
 
 
-def _summarize_finished(study: StudyConfig, runs: list[StudyRun], root: Path,
+def _summarize_finished(study: StudyConfig, root: Path,
                         printer: Callable[[str], None]) -> Path:
-    """The summary of the finished runs of ``runs``; nothing is trained or measured."""
+    """The summary of the study's finished runs; nothing is trained or measured."""
     if not root.is_dir():
         raise ConfigError(f"config: key 'out_dir': {root} holds no study to summarise")
-    for run in runs:
-        run_dir = Path(run.config.out_dir)
-        if (run_dir / "done.json").is_file():
-            _check_matches(run, read_done(run_dir)["config"])  # another config's run: named
-            if is_finished(run_dir, run.config):
-                run.result = RunResult.from_dir(run_dir)
-                run.status = "done"
+    runs = load_runs(study)
     _write_study_config(root, study)
     summary = summarize(study, runs, root)
     done = sum(r.status == "done" for r in runs)
@@ -761,11 +755,16 @@ def accuracy_curve(
 
 
 def load_runs(study: StudyConfig) -> list[StudyRun]:
-    """The study's runs with the results of those that are finished (no training)."""
+    """The study's runs with the results of those that are finished (no training). A run
+    whose ``done.json`` holds another config is an error naming the keys; one finished with
+    fewer epochs or other sharpness metrics stays pending."""
     runs = expand_grid(study)
     for run in runs:
-        if (Path(run.config.out_dir) / "done.json").exists():
-            run.result = RunResult.from_dir(run.config.out_dir)
-            run.status = "done"
+        run_dir = Path(run.config.out_dir)
+        if (run_dir / "done.json").is_file():
+            _check_matches(run, read_done(run_dir)["config"])
+            if is_finished(run_dir, run.config):
+                run.result = RunResult.from_dir(run_dir)
+                run.status = "done"
     return runs
 
