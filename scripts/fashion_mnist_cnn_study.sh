@@ -4,8 +4,11 @@
 #     done: the first machine's SGD/SAM/SAM-ON runs are only in results/.../runs_session1.csv)
 #   stage 2, 40% label noise: the selected cells at seeds 0-2 with sharpness
 #     (configs/fashion_mnist_cnn_noisy_selected.yaml; done)
-#   stage 1, clean labels (configs/fashion_mnist_cnn_equal_budget.yaml; 5 of 50 runs so far); its
-#     stage 2 config is written once its cells are selected.
+#   stage 1, clean labels (configs/fashion_mnist_cnn_equal_budget.yaml; done, 55 runs)
+#   stage 2, clean labels (configs/fashion_mnist_cnn_selected.yaml; done)
+#   control: mSAM at rho 0 on the BatchNorm CNN, "ghost" BatchNorm
+#     (configs/fashion_mnist_cnn_ghostbn_control.yaml)
+#   probe: ResNet-20, 40% noise, BatchNorm (configs/fashion_mnist_resnet20_noisy_probe.yaml)
 # Default: the clean-label stage 1. Other configs as arguments, in order.
 # Two `msam study` processes per config share its runs; afterwards the summary is exported to
 # results/<study>/. Finished runs are skipped, interrupted ones continue from their last epoch;
