@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -89,27 +90,76 @@ def stage1(study: str) -> list[str]:
         m = int(best["micro_batches"] or 1) if meth.startswith("mSAM") else 1
         edge = "lowest" if rho == rhos[0] else "highest" if rho == rhos[-1] else ""
         out.append(f"| {norm} | {meth} | {rho:g} | {rho * math.sqrt(m):.3g} | {edge} |")
-    return out + [""] + _strength(cells)
+    return out + [""] + _strength(root)
 
 
-def _strength(cells: dict[tuple[str, str], list[dict[str, str]]]) -> list[str]:
-    """Final training loss of SAM, mSAM m = 4 and m = 16 at each rho: how strongly a radius
-    acts with each m. If mSAM at rho acts like SAM at rho x sqrt(m), the m = 4 column at rho
-    matches the SAM column at 2 rho, and m = 16 matches SAM at 4 rho."""
+_EVAL_NAME = re.compile(r"^(sgd|sam|msam)_norm(batch|group)(?:_perturb(all|norm))?"
+                        r"(?:_rho([0-9.]+))?(?:_m(\d+))?_s0$")
+
+
+def _eval_losses(root: Path) -> dict[tuple[str, str, float], float]:
+    """``(norm, method, rho) -> loss`` from ``eval_loss/<run>.json`` (``msam sharpness
+    --metrics loss``: the final weights in eval mode on the run's 1,000 training examples);
+    SGD is rho 0 of SAM, mSAM at rho 0 (the ghost-BatchNorm control) rho 0 of its m."""
+    out: dict[tuple[str, str, float], float] = {}
+    for path in sorted((root / "eval_loss").glob("*.json")):
+        match = _EVAL_NAME.match(path.stem)
+        if not match or match.group(3) == "norm":
+            continue
+        opt, norm, _, rho, m = match.groups()
+        meth = f"mSAM m={m}" if opt == "msam" else "SAM"
+        out[(norm, meth, float(rho or 0))] = float(json.loads(path.read_text())["loss"])
+    return out
+
+
+def _equivalent(sam: dict[float, float], loss: float) -> float | None:
+    """The SAM radius whose loss is ``loss``, interpolated in log rho (None: outside)."""
+    pts = sorted((r, v) for r, v in sam.items() if r > 0)
+    for (r0, l0), (r1, l1) in zip(pts, pts[1:]):
+        if l0 <= loss <= l1 and l1 > l0:
+            t = (loss - l0) / (l1 - l0)
+            return math.exp(math.log(r0) + t * (math.log(r1) - math.log(r0)))
+    return None
+
+
+def _strength(root: Path) -> list[str]:
+    """How strongly a radius acts with each m: the training loss of SAM and mSAM m = 4 / 16
+    at each rho, measured the same way for every run, and the SAM radius each mSAM cell
+    matches. If mSAM at rho acts like SAM at rho x sqrt(m), that radius is 2 rho (m = 4) and
+    4 rho (m = 16); if m does not change a radius's strength, it is rho."""
+    losses = _eval_losses(root)
+    if not losses:
+        return []
     meths = ["SAM", "mSAM m=4", "mSAM m=16"]
     out = ["## How strongly a radius acts, by m", "",
-           "Final training loss at each rho (seed 0). If mSAM at rho acts like SAM at "
-           "rho x sqrt(m) (the rule of docs/choosing_rho.md), m = 4 at rho matches SAM at "
-           "2 rho and m = 16 matches SAM at 4 rho; if m does not change a radius's strength, "
-           "the three columns match row by row.", ""]
+           "Training loss of the final weights at seed 0, in eval mode (BatchNorm's running "
+           "statistics) on the run's 1,000 training examples, so every method is measured "
+           "alike (`eval_loss/`, `msam sharpness RUN --metrics loss --examples 1000`; the "
+           "loss logged during training is not comparable with BatchNorm: mSAM's is taken "
+           "with each micro-batch's own statistics). Row 0: SGD, and mSAM at rho 0 (SGD with "
+           "per-micro-batch BatchNorm, `fashion_mnist_cnn_ghostbn_control`). In brackets: "
+           "the SAM radius with the same loss, as a multiple of rho (interpolated in log rho; "
+           "the `rho x sqrt(m)` rule says 2x for m = 4 and 4x for m = 16; `-`: outside SAM's "
+           "curve).", ""]
     for norm in ("batch", "group"):
-        by = {meth: {float(r["rho"]): float(r["train_loss"]) for r in cells.get((norm, meth), [])}
+        by = {meth: {r: v for (n, mm, r), v in losses.items() if n == norm and mm == meth}
               for meth in meths}
+        if not by["SAM"]:
+            continue
         rhos = sorted(set().union(*(set(v) for v in by.values())))
         out += [f"**{'BatchNorm' if norm == 'batch' else 'GroupNorm'}**", "",
                 "| rho | SAM | mSAM m = 4 | mSAM m = 16 |", "|---:|---:|---:|---:|"]
         for rho in rhos:
-            vals = [f"{by[m][rho]:.3f}" if rho in by[m] else "-" for m in meths]
+            vals = []
+            for meth in meths:
+                v = by[meth].get(rho)
+                if v is None:
+                    vals.append("-")
+                    continue
+                eq = _equivalent(by["SAM"], v) if meth != "SAM" and rho > 0 else None
+                tail = "" if meth == "SAM" or rho == 0 else (
+                    f" ({eq / rho:.2f}x)" if eq is not None else " (-)")
+                vals.append(f"{v:.3f}{tail}")
             out.append(f"| {rho:g} | " + " | ".join(vals) + " |")
         out.append("")
     return out

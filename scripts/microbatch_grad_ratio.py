@@ -6,13 +6,21 @@ minimises ``L(w) + rho sum_j (n_j/n) ||g_j||`` (Behdin et al. 2023): each micro-
 penalises the norm of *its own* gradient ``g_j``. So at equal rho, mSAM's penalty is SAM's
 times
 
-    r_m = sum_j (n_j/n) ||g_j|| / ||g||,     g = sum_j (n_j/n) g_j.
+    r_m = sum_j (n_j/n) ||g_j|| / ||g||,     g: the whole batch's gradient.
 
-Where the per-example gradients are mostly noise around a small mean, ``||g_j||`` grows like
+Without BatchNorm ``g = sum_j (n_j/n) g_j``, so ``r_m >= 1`` (the triangle inequality). Where
+the per-example gradients are mostly noise around a small mean, ``||g_j||`` grows like
 ``1/sqrt(n_j)`` and ``r_m`` approaches ``sqrt(m)``: mSAM at ``rho`` acts like SAM at
 ``rho sqrt(m)``, which is what the rule says. Where the gradients agree (the mean dominates),
-``r_m`` stays near 1 and mSAM at ``rho`` acts like SAM at ``rho``. ``r_m`` lies between 1
-(the triangle inequality) and ``sqrt(m)``-ish, and it is cheap to measure.
+``r_m`` stays near 1 and mSAM at ``rho`` acts like SAM at ``rho``. With BatchNorm, SAM's ``g``
+normalises the whole batch together and each ``g_j`` its own micro-batch, so ``g`` is not the
+mean of the ``g_j`` and ``r_m`` also carries that difference (it can even fall below 1).
+
+The second figure is exact rather than first order: the correction each method adds to the
+gradient at radius rho,
+
+    s_m = ||sum_j (n_j/n) (h_j - g_j)|| / ||h - g||,
+    h = grad L(w + rho g/||g||),  h_j = grad L_j(w + rho g_j/||g_j||).
 
 The gradients are taken as the optimizer takes them: the model in training mode, each
 micro-batch (and, for ``g``, the whole batch) normalised with its own BatchNorm statistics,
@@ -52,6 +60,15 @@ def _grad(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
                       for p, g in zip(params, grads)])
 
 
+def _check_m(m: int, n: int) -> None:
+    if not 1 <= m <= n:
+        raise ValueError(f"m={m} must be between 1 and the batch size {n}")
+
+
+def _unit(g: torch.Tensor) -> torch.Tensor:
+    return g / (g.norm() + 1e-12)  # a zero gradient gives a zero perturbation, as in msam
+
+
 def grad_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int,
                loss_fn: LossFn = _cross_entropy) -> float:
     """``r_m = sum_j (n_j/n) ||g_j|| / ||g||`` on one batch, ``m`` contiguous micro-batches
@@ -59,15 +76,14 @@ def grad_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int,
     the model as it is (training mode: BatchNorm uses each forward's own statistics). The model
     is not changed (a copy absorbs BatchNorm's running-statistic updates)."""
     n = len(x)
-    if not 1 <= m <= n:
-        raise ValueError(f"m={m} must be between 1 and the batch size {n}")
+    _check_m(m, n)
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     g = _grad(model, loss_fn, x, y, params)
     total = 0.0
     for xj, yj in zip(torch.tensor_split(x, m), torch.tensor_split(y, m)):
         total += len(xj) / n * float(_grad(model, loss_fn, xj, yj, params).norm())
-    return total / float(g.norm())
+    return total / max(float(g.norm()), 1e-12)
 
 
 def correction_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int, rho: float,
@@ -77,29 +93,32 @@ def correction_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int,
     ``e = rho g/||g||``; ``h_j = grad L_j(w + e_j)``, ``e_j = rho g_j/||g_j||``; m = 1 gives
     1). Exact, not first order. The model is not changed."""
     n = len(x)
+    _check_m(m, n)
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
 
     def perturbed(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         g = _grad(model, loss_fn, xb, yb, params)
-        e = rho * g / g.norm()
-        _add(params, e, 1.0)
+        _add(params, rho * _unit(g))
         h = _grad(model, loss_fn, xb, yb, params)
-        _add(params, e, -1.0)
+        with torch.no_grad():  # back to w exactly (adding and subtracting e would drift)
+            for p, w in zip(params, saved):
+                p.copy_(w)
         return h - g
 
     sam = perturbed(x, y)
     msam = torch.zeros_like(sam)
     for xj, yj in zip(torch.tensor_split(x, m), torch.tensor_split(y, m)):
         msam += len(xj) / n * perturbed(xj, yj)
-    return float(msam.norm()) / float(sam.norm())
+    return float(msam.norm()) / max(float(sam.norm()), 1e-12)
 
 
-def _add(params: Sequence[torch.Tensor], flat: torch.Tensor, alpha: float) -> None:
+def _add(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
     offset = 0
     for p in params:
         with torch.no_grad():
-            p.add_(flat[offset:offset + p.numel()].view_as(p), alpha=alpha)
+            p.add_(flat[offset:offset + p.numel()].view_as(p))
         offset += p.numel()
 
 
@@ -109,12 +128,13 @@ def _measure(model: nn.Module, data, ms: Sequence[int], batches: int, batch_size
 
     model.train()
     out: dict[str, list[float]] = {f"{k}_{m}": [] for k in "rs" for m in ms}
-    for i, (x, y) in enumerate(iterate_batches(data.train, batch_size, shuffle=True,
-                                               seed=seed, epoch=0)):
-        if i == batches:
+    used = 0
+    for x, y in iterate_batches(data.train, batch_size, shuffle=True, seed=seed, epoch=0):
+        if used == batches:
             break
-        if len(x) < batch_size:
+        if len(x) < batch_size:  # only full batches, as in training
             continue
+        used += 1
         xb, yb = data.batch("train", x, y)
         for m in ms:
             out[f"r_{m}"].append(grad_ratio(model, xb, yb, m))
@@ -150,8 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             models.insert(0, ("initialised", _build_model(cfg, data)))
         for what, mod in models:
             res = _measure(mod, data, ms, args.batches, args.batch_size, args.seed, args.rho)
-            cells = [f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" for v in
-                     res.values()]
+            if not all(res.values()):
+                raise SystemExit(f"{run}: no full training batch of {args.batch_size}")
+            cells = [f"{statistics.mean(v):.2f}" + (f" ± {statistics.stdev(v):.2f}"
+                                                     if len(v) > 1 else "")
+                     for v in res.values()]
             print(f"| {Path(run).name} | {what} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

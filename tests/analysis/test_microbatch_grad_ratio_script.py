@@ -76,3 +76,31 @@ def test_grad_ratio_rejects_m_larger_than_the_batch(problem):
     model, x, y = problem
     with pytest.raises(ValueError, match="m=31"):
         script.grad_ratio(model, x, y, 31, loss_fn=_mse)
+
+
+def test_correction_ratio_rejects_a_bad_m(problem):
+    model, x, y = problem
+    for m in (0, 31):
+        with pytest.raises(ValueError, match=f"m={m}"):
+            script.correction_ratio(model, x, y, m, 0.1, loss_fn=_mse)
+
+
+def test_a_batchnorm_model_is_left_exactly_as_it_was():
+    """Training-mode forwards would move BatchNorm's running statistics and the perturbation
+    moves the weights: the caller's model must see neither."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    model.train()
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    script.grad_ratio(model, x, y, 4)
+    script.correction_ratio(model, x, y, 4, 0.5)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_zero_gradient_gives_no_correction_not_nan(problem):
+    model, x, _ = problem
+    y = (x @ model.weight.detach().reshape(-1)).detach()  # an exact fit: every g_j = 0
+    assert script.grad_ratio(model, x, y, 2, loss_fn=_mse) == 0.0
+    assert script.correction_ratio(model, x, y, 2, 0.1, loss_fn=_mse) == 0.0

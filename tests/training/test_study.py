@@ -398,3 +398,46 @@ def test_summarize_only_without_a_study_is_a_named_error(tmp_path):
     with pytest.raises(ConfigError, match="out_dir"):
         run_study(_study(tmp_path), summarize_only=True)
     assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()  # an existing folder that holds no study: nothing written
+    with pytest.raises(ConfigError, match="no study to summarise"):
+        run_study(_study(tmp_path), summarize_only=True)
+    assert not list((tmp_path / "out").iterdir())
+    with pytest.raises(ConfigError, match="--dry-run and --summarize-only"):
+        run_study(_study(tmp_path), summarize_only=True, dry_run=True)
+
+
+def test_summarize_only_never_replaces_a_summary_with_an_empty_one(tmp_path, capsys):
+    """Runs finished with other epochs are not counted, with a warning; when none is
+    finished the summary and the CSV stay as they were."""
+    base = ["grid.optimizer=[sgd]", "plots=false"]
+    root = run_study(_study(tmp_path, base), quiet=True)
+    before = {f: (root / f).read_text() for f in ("summary.md", "runs.csv", "study.yaml")}
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match="none of the 2 runs"):
+        run_study(_study(tmp_path, [*base, "epochs=3"]), summarize_only=True)
+    assert "sgd_s0: not counted: finished with 2 epochs" in capsys.readouterr().out
+    assert {f: (root / f).read_text() for f in before} == before
+    with pytest.raises(ConfigError, match="lr"):  # another config's runs: a named error
+        run_study(_study(tmp_path, [*base, "lr=0.2"]), summarize_only=True)
+    assert {f: (root / f).read_text() for f in before} == before
+
+
+def test_summarize_only_keeps_failed_runs_failed(tmp_path, monkeypatch):
+    study = _study(tmp_path, ["grid.optimizer=[sgd, sam]", "grid.seed=[0]", "plots=false"])
+    real_train = study_mod.train
+
+    def flaky(cfg: TrainConfig, **kw):
+        if cfg.optimizer == "sgd":
+            raise FloatingPointError("simulated divergence")
+        return real_train(cfg, **kw)
+
+    monkeypatch.setattr(study_mod, "train", flaky)
+    with pytest.raises(RuntimeError):
+        run_study(study, quiet=True)
+    root = run_study(study, summarize_only=True)
+    with open(root / "runs.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert rows["sgd_s0"]["status"] == "failed"
+    assert "simulated divergence" in rows["sgd_s0"]["error"]
+    assert rows["sam_rho0.05_s0"]["status"] == "done"
+    assert "--summarize-only" in (root / "summary.md").read_text()

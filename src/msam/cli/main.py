@@ -178,12 +178,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from msam.training import ConfigError, load_study_config
+    from msam.training import load_study_config
     from msam.training.study import run_study
 
     study = load_study_config(args.config, [*args.overrides, *_direct_overrides(args)])
-    if args.dry_run and args.summarize_only:
-        raise ConfigError("--dry-run and --summarize-only contradict each other; pass one")
     root = run_study(study, quiet=args.quiet, dry_run=args.dry_run,
                      summarize_only=args.summarize_only, command=" ".join(["msam", *map(shlex.quote, sys.argv[1:])]))
     if args.export and not args.dry_run:

@@ -322,6 +322,8 @@ def run_study(
     the runs finished so far (the others are listed as pending) and keep ``command.txt``, e.g.
     after part of the grid was run with ``--set`` overrides.
     """
+    if dry_run and summarize_only:
+        raise ConfigError("--dry-run and --summarize-only contradict each other; pass one")
     root = Path(study.train.out_dir)
     runs = expand_grid(study)
     missing = _missing_data(runs)  # once, up front: not once per run
@@ -376,13 +378,22 @@ def run_study(
 
 def _summarize_finished(study: StudyConfig, root: Path,
                         printer: Callable[[str], None]) -> Path:
-    """The summary of the study's finished runs; nothing is trained or measured."""
-    if not root.is_dir():
-        raise ConfigError(f"config: key 'out_dir': {root} holds no study to summarise")
+    """The summary of the study's finished runs; nothing is trained or measured. Refuses
+    (writing nothing) when no run is finished, so a mistyped override cannot replace a
+    summary with an empty one."""
+    if not (root / "runs").is_dir():
+        raise ConfigError(f"config: key 'out_dir': {root} holds no study to summarise "
+                          f"(no {root / 'runs'} folder)")
     runs = load_runs(study)
-    _write_study_config(root, study)
-    summary = summarize(study, runs, root)
+    for run in runs:
+        if run.status == "pending" and run.error:
+            printer(f"WARNING: {run.name}: not counted: {run.error}")
     done = sum(r.status == "done" for r in runs)
+    if not done:
+        raise ConfigError(f"none of the {len(runs)} runs of {root} is finished with this "
+                          "config (see the warnings above); nothing was written")
+    _write_study_config(root, study)
+    summary = summarize(study, runs, root, summarized_only=True)
     printer(summary["table"])
     printer("")
     printer(f"study {study.name!r}: {done} of {len(runs)} runs finished (nothing trained) "
@@ -506,8 +517,11 @@ def _sort_key(cell: tuple[tuple[str, Any], ...]) -> tuple:
     return tuple(out)
 
 
-def summarize(study: StudyConfig, runs: list[StudyRun], root: Path) -> dict[str, Any]:
-    """Write ``runs.csv``, ``summary.md`` and the plots; returns the table and paths."""
+def summarize(study: StudyConfig, runs: list[StudyRun], root: Path, *,
+              summarized_only: bool = False) -> dict[str, Any]:
+    """Write ``runs.csv``, ``summary.md`` and the plots; returns the table and paths.
+    ``summarized_only``: the summary was written by ``--summarize-only`` (its Reproduce
+    section says so)."""
     grid_keys = [k for k in dict.fromkeys(
         k for r in runs for k, _ in r.cell if k != "optimizer")]
     rows = [_run_row(r, grid_keys) for r in runs]
@@ -601,7 +615,7 @@ def summarize(study: StudyConfig, runs: list[StudyRun], root: Path) -> dict[str,
         )
     if plots:
         md += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    md += ["", *_reproduce_section(root, runs)]
+    md += ["", *_reproduce_section(root, runs, summarized_only)]
     summary_path = root / "summary.md"
     atomic_write_text(summary_path, "\n".join(md) + "\n")
     return {"table": table, "summary_path": summary_path, "plots": plots, "rows": rows}
@@ -619,7 +633,8 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _reproduce_section(root: Path, runs: list[StudyRun]) -> list[str]:
+def _reproduce_section(root: Path, runs: list[StudyRun],
+                       summarized_only: bool = False) -> list[str]:
     done = [r for r in runs if r.result is not None]
     infos = [r.result.info for r in done if r.result.info]  # type: ignore[union-attr]
     threads = sorted({str(i.get("threads")) for i in infos if i.get("threads") is not None})
@@ -629,9 +644,14 @@ def _reproduce_section(root: Path, runs: list[StudyRun]) -> list[str]:
     cmd_file = root / "command.txt"
     command = (cmd_file.read_text().strip() if cmd_file.is_file()
                else f"msam study {root / 'study.yaml'}")  # the resolved config, written above
+    note = ([f"This summary was written by `msam study {root / 'study.yaml'} "
+             "--summarize-only`, which trains nothing. The command above is the last one that "
+             "trained runs here: a grid run in parts (e.g. extended only where its edges won) "
+             "needs each part's command, and running the whole `study.yaml` would also train "
+             "the runs listed as pending.", ""] if summarized_only else [])
     return [
         "## Reproduce", "",
-        "```bash", command, "```", "",
+        "```bash", command, "```", "", *note,
         f"Machine: {cpu_name()}, {os.cpu_count()} logical cores; device "
         f"{', '.join(devices) or '-'}; torch {', '.join(versions) or '-'}; "
         f"{'/'.join(threads) or 'default'} thread(s) per run. Training time, summed over the "
@@ -756,15 +776,26 @@ def accuracy_curve(
 
 def load_runs(study: StudyConfig) -> list[StudyRun]:
     """The study's runs with the results of those that are finished (no training). A run
-    whose ``done.json`` holds another config is an error naming the keys; one finished with
-    fewer epochs or other sharpness metrics stays pending."""
+    whose ``done.json`` holds another config is an error naming the keys. A run that failed
+    (``error.txt``, no ``done.json``) is ``failed`` with the error's last line; one finished
+    with other epochs or sharpness metrics stays ``pending``, with the reason in ``error``."""
     runs = expand_grid(study)
     for run in runs:
         run_dir = Path(run.config.out_dir)
         if (run_dir / "done.json").is_file():
-            _check_matches(run, read_done(run_dir)["config"])
+            done = read_done(run_dir)
+            _check_matches(run, done["config"])
             if is_finished(run_dir, run.config):
                 run.result = RunResult.from_dir(run_dir)
                 run.status = "done"
+            else:
+                run.error = (f"finished with {done.get('epochs')} epochs and sharpness "
+                             f"metrics {list(done.get('sharpness_metrics') or [])}; the "
+                             f"config asks for {run.config.epochs} and "
+                             f"{list(run.config.sharpness.metrics)}")
+        elif (run_dir / "error.txt").is_file():
+            lines = (run_dir / "error.txt").read_text(errors="replace").strip().splitlines()
+            run.status = "failed"
+            run.error = lines[-1] if lines else "failed (empty error.txt)"
     return runs
 
