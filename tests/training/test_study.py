@@ -126,8 +126,8 @@ def test_finished_run_with_other_config_is_an_error(tmp_path):
         run_study(changed, quiet=True)
 
 
-def test_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
-    study = _study(tmp_path, ["grid.optimizer=[sgd, sam]", "grid.seed=[0]"])
+def _sgd_diverges(monkeypatch) -> None:
+    """Every SGD run of the study fails; the others train."""
     real_train = study_mod.train
 
     def flaky(cfg: TrainConfig, **kw):
@@ -136,6 +136,11 @@ def test_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
         return real_train(cfg, **kw)
 
     monkeypatch.setattr(study_mod, "train", flaky)
+
+
+def test_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
+    study = _study(tmp_path, ["grid.optimizer=[sgd, sam]", "grid.seed=[0]"])
+    _sgd_diverges(monkeypatch)
     with pytest.raises(RuntimeError, match="1 run\\(s\\) failed: sgd_s0"):
         run_study(study, quiet=True)
     root = Path(study.train.out_dir)
@@ -424,14 +429,7 @@ def test_summarize_only_never_replaces_a_summary_with_an_empty_one(tmp_path, cap
 
 def test_summarize_only_keeps_failed_runs_failed(tmp_path, monkeypatch):
     study = _study(tmp_path, ["grid.optimizer=[sgd, sam]", "grid.seed=[0]", "plots=false"])
-    real_train = study_mod.train
-
-    def flaky(cfg: TrainConfig, **kw):
-        if cfg.optimizer == "sgd":
-            raise FloatingPointError("simulated divergence")
-        return real_train(cfg, **kw)
-
-    monkeypatch.setattr(study_mod, "train", flaky)
+    _sgd_diverges(monkeypatch)
     with pytest.raises(RuntimeError):
         run_study(study, quiet=True)
     root = run_study(study, summarize_only=True)
