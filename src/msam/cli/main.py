@@ -182,8 +182,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from msam.training.study import run_study
 
     study = load_study_config(args.config, [*args.overrides, *_direct_overrides(args)])
+    command = " ".join(["msam", *map(shlex.quote, sys.argv[1:])])
     root = run_study(study, quiet=args.quiet, dry_run=args.dry_run,
-                     summarize_only=args.summarize_only, command=" ".join(["msam", *map(shlex.quote, sys.argv[1:])]))
+                     summarize_only=args.summarize_only, command=command)
     if args.export and not args.dry_run:
         from msam.training.study import export_study
 
