@@ -93,7 +93,7 @@ def stage1(study: str) -> list[str]:
     return out + [""] + _strength(root)
 
 
-_EVAL_NAME = re.compile(r"^(sgd|sam|msam)_norm(batch|group)(?:_perturb(all|norm))?"
+_EVAL_NAME = re.compile(r"^(sgd|sam|msam)(?:_noise[0-9.]+)?_norm(batch|group)(?:_perturb(all|norm))?"
                         r"(?:_rho([0-9.]+))?(?:_m(\d+))?_s0$")
 
 
