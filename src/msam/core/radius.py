@@ -1,8 +1,10 @@
 """Choosing rho when changing m: the radius that matches SAM's at m = 1.
 
-In this library's equal-budget studies the radius chosen on validation halved each time the
-number of micro-batches grew 4x: ``rho x sqrt(m)`` stayed constant (docs/choosing_rho.md has the
-evidence and its limits). :func:`rho_for_m` turns a SAM radius into that mSAM radius::
+In this library's equal-budget studies on an MLP and a BatchNorm CNN the radius chosen on
+validation halved each time the number of micro-batches grew 4x: ``rho x sqrt(m)`` stayed
+constant. On a GroupNorm CNN it did not: there m barely changed what a radius does, and SAM's
+radius is the better start (docs/choosing_rho.md has the evidence, its limits and a check for
+your model). :func:`rho_for_m` turns a SAM radius into the rule's mSAM radius::
 
     import msam, torch
     rho = msam.rho_for_m(0.4, 16)          # 0.1: SAM's 0.4, spread over 16 micro-batches
