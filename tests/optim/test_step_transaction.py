@@ -133,6 +133,7 @@ _DDP_SCRIPT = textwrap.dedent("""
             res += " diverged=%.3g" % float((allw[0] - allw[1]).abs().max())
         if rank == 0:
             open(outf, "w").write(res)
+        dist.barrier()  # no rank tears gloo down while the other still uses it (SIGABRT)
         dist.destroy_process_group()
 
     if __name__ == "__main__":
