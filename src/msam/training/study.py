@@ -325,6 +325,8 @@ def run_study(
     if dry_run and summarize_only:
         raise ConfigError("--dry-run and --summarize-only contradict each other; pass one")
     root = Path(study.train.out_dir)
+    if summarize_only:  # reads only the run directories: no dataset check
+        return _summarize_finished(study, root, printer)
     runs = expand_grid(study)
     missing = _missing_data(runs)  # once, up front: not once per run
     if dry_run:
@@ -333,8 +335,6 @@ def run_study(
         if missing is not None:
             printer(f"WARNING: the study cannot run as it is: {missing}")
         return root
-    if summarize_only:
-        return _summarize_finished(study, root, printer)
     if missing is not None:
         raise missing
     root.mkdir(parents=True, exist_ok=True)
