@@ -93,8 +93,8 @@ def stage1(study: str) -> list[str]:
     return out + [""] + _strength(root)
 
 
-_EVAL_NAME = re.compile(r"^(sgd|sam|msam)(?:_noise[0-9.]+)?_norm(batch|group)(?:_perturb(all|norm))?"
-                        r"(?:_rho([0-9.]+))?(?:_m(\d+))?_s0$")
+_EVAL_NAME = re.compile(r"^(sgd|sam|msam)(?:_noise[0-9.]+)?_norm(batch|group)"
+                        r"(?:_perturb(all|norm))?(?:_rho([0-9.]+))?(?:_m(\d+))?_s0$")
 
 
 def _eval_losses(root: Path) -> dict[tuple[str, str, float], float]:
